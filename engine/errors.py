@@ -1,0 +1,111 @@
+"""The engine's exception hierarchy, grouped by what the caller can do about it.
+
+- ``RetryableError``: the same request may succeed later (timeouts, resets, 429, 5xx).
+- ``FatalRunError``: every request would fail the same way; stop the run (auth, config).
+- ``ItemError``: this one item is lost (bad request, unparseable reply, bad seed row);
+  record it and carry on.
+
+Third-party exceptions (aiohttp, pydantic, orjson) are translated into these at one
+boundary each and never leak upward.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """The configuration, the seed path or the output directory is unusable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class FatalRunError(EngineError):
+    """Every further request would fail the same way: the run must stop."""
+
+
+class AuthError(FatalRunError):
+    """The endpoint refused our credentials (401/403)."""
+
+    def __init__(self, endpoint: str, status: int) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        super().__init__(
+            f"the teacher at {endpoint} answered HTTP {status}: check TEACHER_MODEL_API_KEY "
+            "(and that the key may use this model)"
+        )
+
+
+class RetryableError(EngineError):
+    """A transient failure: the same request may succeed if sent again."""
+
+    kind = "retryable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        body: str = "",
+    ) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+        super().__init__(message)
+
+
+class TeacherTimeout(RetryableError):
+    kind = "timeout"
+
+
+class TeacherConnectionError(RetryableError):
+    kind = "connection"
+
+
+class TeacherHTTPError(RetryableError):
+    """A retryable HTTP status (408, 409, 429, 5xx)."""
+
+    kind = "http"
+
+
+class MalformedResponse(RetryableError):
+    """HTTP 200 whose body is not a chat completion (bad JSON, no ``choices``)."""
+
+    kind = "malformed_response"
+
+
+class ItemError(EngineError):
+    """One item is lost; the run continues. ``kind`` names why, for the failure log."""
+
+    kind = "item"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, body: str = "", attempts: int = 1
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.attempts = attempts
+        super().__init__(message)
+
+
+class RequestRejected(ItemError):
+    """The endpoint rejected the request itself (400, 404, 413, 422): retrying cannot help."""
+
+    kind = "request_rejected"
+
+
+class RetriesExhausted(ItemError):
+    """A retryable failure persisted through every allowed attempt."""
+
+    kind = "retries_exhausted"
+
+
+class InvalidReply(ItemError):
+    """The teacher's reply did not parse or validate against the stage's schema."""
+
+    kind = "invalid_reply"
