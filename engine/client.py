@@ -1,0 +1,243 @@
+"""``HTTPTeacher``: the teacher behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+The only module that imports aiohttp. Every aiohttp failure is translated here into
+``engine.errors`` and retried per ``engine.retry``; callers see ``ChatReply`` or an engine error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import orjson
+
+from engine.config import RetryConfig, TeacherConfig
+from engine.errors import (
+    AuthError,
+    ConfigError,
+    ItemError,
+    MalformedResponse,
+    RequestRejected,
+    RetriesExhausted,
+    RetryableError,
+    TeacherConnectionError,
+    TeacherHTTPError,
+    TeacherTimeout,
+)
+from engine.limits import RequestLimiter
+from engine.retry import backoff, classify, retry_after
+from engine.stats import Stats
+from engine.teacher import ChatReply, ChatRequest, Choice, Usage
+
+log = logging.getLogger(__name__)
+
+# Connections beyond the concurrency cap, so a connection being closed never blocks a new one.
+_SPARE_CONNECTIONS = 8
+_EXCERPT_CHARS = 300
+
+
+class HTTPTeacher:
+    """Sends chat requests through ``limiter``, retrying transient failures with back-off.
+
+    Use as ``async with HTTPTeacher(...) as teacher:``; one session is shared by all requests.
+    """
+
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        retry: RetryConfig,
+        limiter: RequestLimiter,
+        stats: Stats,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.model = teacher.model
+        self.base_url = teacher.base_url
+        self._url = teacher.base_url.rstrip("/") + "/chat/completions"
+        self._config = teacher
+        self._retry = retry
+        self._limiter = limiter
+        self._stats = stats
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._config.api_key is not None:
+            headers["Authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        # aiohttp's default connector limit (100) would silently cap concurrency below ours.
+        connector = aiohttp.TCPConnector(
+            limit=self._limiter.max_concurrency + _SPARE_CONNECTIONS, limit_per_host=0
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
+        )
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, request: ChatRequest) -> ChatReply:
+        """Send ``request``; retry timeouts, resets, 408/409/429/5xx and malformed replies.
+
+        Raises ``RequestRejected`` (other 4xx), ``RetriesExhausted`` (attempts used up) or
+        ``AuthError`` (401/403, fatal for the run).
+        """
+        body = orjson.dumps(request.payload(self.model))
+        max_attempts = self._retry.max_attempts
+        for attempt in range(1, max_attempts + 1):
+            try:
+                return await self._attempt(body)
+            except ItemError as err:
+                err.attempts = attempt
+                raise
+            except RetryableError as err:
+                if attempt == max_attempts:
+                    raise RetriesExhausted(
+                        f"gave up after {attempt} attempts: {err}",
+                        status=err.status,
+                        body=err.body,
+                        attempts=attempt,
+                    ) from err
+                await self._wait(attempt, err, request.stage)
+        raise AssertionError("unreachable: max_attempts >= 1")
+
+    async def _wait(self, attempt: int, err: RetryableError, stage: str) -> None:
+        # Outside the limiter's slot: a request backing off must not hold concurrency.
+        reason = str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
+        self._stats.retries[reason] += 1
+        delay = backoff(
+            attempt,
+            err.retry_after,
+            base=self._retry.backoff_base_s,
+            cap=self._retry.backoff_max_s,
+            retry_after_cap=self._retry.retry_after_max_s,
+            rng=self._rng,
+        )
+        log.warning(
+            "teacher request failed (stage %s, attempt %d/%d, %s): %s; retrying in %.2fs",
+            stage or "-",
+            attempt,
+            self._retry.max_attempts,
+            reason,
+            err,
+            delay,
+        )
+        await self._sleep(delay)
+
+    async def _attempt(self, body: bytes) -> ChatReply:
+        """One POST: the reply, or the engine error that says what went wrong."""
+        if self._session is None:
+            raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
+        async with self._limiter.slot():
+            self._stats.requests_sent += 1
+            try:
+                async with self._session.post(self._url, data=body) as response:
+                    status, headers = response.status, response.headers
+                    raw = await response.read()
+            # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
+            except TimeoutError as err:
+                raise TeacherTimeout(f"no reply from {self._url} in time") from err
+            except aiohttp.InvalidURL as err:
+                raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
+            except aiohttp.ClientError as err:
+                raise TeacherConnectionError(
+                    f"connection to {self._url} failed: {type(err).__name__}: {err}"
+                ) from err
+        return self._reply(status, headers, raw)
+
+    def _reply(self, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
+        decision = classify(status)
+        if decision == "ok":
+            reply = self._parse(raw)
+            self._stats.prompt_tokens += reply.usage.prompt_tokens
+            self._stats.completion_tokens += reply.usage.completion_tokens
+            return reply
+        if decision == "auth":
+            raise AuthError(self.base_url, status)
+        excerpt = _excerpt(raw)
+        if decision == "reject":
+            raise RequestRejected(
+                f"the teacher rejected the request: HTTP {status}: {excerpt}",
+                status=status,
+                body=excerpt,
+            )
+        raise TeacherHTTPError(
+            f"HTTP {status}: {excerpt}",
+            status=status,
+            retry_after=retry_after(headers),
+            body=excerpt,
+        )
+
+    def _parse(self, raw: bytes) -> ChatReply:
+        """A 200 body as a ``ChatReply``; ``MalformedResponse`` if it is not a chat completion."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise _malformed("the body is not JSON", raw) from err
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise _malformed("the body has no choices", raw)
+        parsed = tuple(_choice(item, raw) for item in choices)
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        model = data.get("model")
+        return ChatReply(
+            choices=parsed,
+            model=model if isinstance(model, str) else "",
+            usage=Usage(
+                prompt_tokens=_count(usage.get("prompt_tokens")),
+                completion_tokens=_count(usage.get("completion_tokens")),
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"<HTTPTeacher {self.base_url} model={self.model}>"
+
+
+def _choice(item: Any, raw: bytes) -> Choice:
+    message = item.get("message") if isinstance(item, dict) else None
+    if not isinstance(message, dict):
+        raise _malformed("a choice has no message", raw)
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise _malformed("a message's content is not text", raw)
+    # vLLM has used both names across releases.
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    finish = item.get("finish_reason")
+    return Choice(
+        content=content,
+        reasoning=reasoning if isinstance(reasoning, str) else None,
+        finish_reason=finish if isinstance(finish, str) else None,
+    )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _excerpt(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    return " ".join(text.split())[:_EXCERPT_CHARS]
+
+
+def _malformed(problem: str, raw: bytes) -> MalformedResponse:
+    excerpt = _excerpt(raw)
+    return MalformedResponse(f"HTTP 200 but {problem}: {excerpt}", status=200, body=excerpt)
