@@ -1,0 +1,644 @@
+"""A simulated OpenAI-compatible teacher: a real aiohttp server for tests and benchmarks.
+
+Replies are deterministic JSON instances of the requested schema (``json_schema``,
+``json_object`` or a ``<schema>...</schema>`` block in the prompt), with knobs for
+latency, rate limits and injected faults.
+
+    python -m engine.simulator --port 8000 --latency-mean 1.0 --latency-sigma 0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import orjson
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+FaultHook: TypeAlias = Callable[[int, dict[str, Any]], Awaitable[web.StreamResponse | None]]
+
+_WORDS = (
+    "the", "a", "model", "data", "river", "energy", "system", "cell", "light", "market",
+    "theory", "process", "signal", "early", "small", "complex", "stable", "rapid", "local",
+    "common", "changes", "explains", "depends", "on", "with", "across", "during", "between",
+    "measures", "forms", "structure", "pressure", "history", "network", "protein", "climate",
+    "value", "growth", "layer", "method",
+)  # fmt: skip
+_FORMATS = {
+    "date-time": "2024-01-01T00:00:00Z",
+    "date": "2024-01-01",
+    "time": "12:00:00",
+    "email": "teacher@example.com",
+    "uri": "https://example.com/",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+# Recursive models ($ref cycles) would otherwise expand forever.
+_MAX_DEPTH = 8
+_SCHEMA_MARKERS = re.compile(r"<schema>(.*?)</schema>", re.DOTALL)
+# json_object mode without any schema still has to answer with some JSON object.
+_ANY_OBJECT: dict[str, Any] = {"type": "object", "properties": {"result": {"type": "string"}}}
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulated teacher behaves."""
+
+    model: str = "sim-teacher"
+    api_key: str | None = None
+    latency_mean_s: float = 0.0
+    # Sigma of the underlying normal; 0 gives a fixed latency of ``latency_mean_s``.
+    latency_sigma: float = 0.0
+    seed: int = 0
+    array_items: int = 3
+    boolean_value: bool = True
+    reasoning_field: str | None = None
+    supports_n: bool = True
+    rpm_limit: int = 0
+    fault: FaultHook | None = None
+
+    def __post_init__(self) -> None:
+        numbers = (self.latency_mean_s, self.latency_sigma, self.array_items, self.rpm_limit)
+        if min(numbers) < 0:
+            raise ValueError("simulator latency, array_items and rpm_limit must be >= 0")
+
+
+@dataclass
+class RequestLog:
+    """One chat-completions request as the server saw it (filled in as it progresses)."""
+
+    seq: int
+    arrival: float  # time.monotonic()
+    finish: float | None = None
+    status: int | None = None  # 499: the handler was cancelled
+    n: int = 1
+    response_format: str | None = None  # the ``type`` of response_format; None when absent
+    prompt_head: str = ""  # first 80 characters of the last user message
+
+
+class SimulatorState:
+    """Statistics of a running simulator, readable by tests and benchmarks."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.requests: list[RequestLog] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.rng = random.Random(config.seed)
+        self.window = _RateWindow(config.rpm_limit)
+
+    @property
+    def total_requests(self) -> int:
+        return len(self.requests)
+
+    def arrive(self) -> RequestLog:
+        log = RequestLog(seq=len(self.requests), arrival=time.monotonic())
+        self.requests.append(log)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        return log
+
+    def depart(self, log: RequestLog, status: int) -> None:
+        log.finish = time.monotonic()
+        log.status = status
+        self.in_flight -= 1
+
+    def __repr__(self) -> str:
+        return (
+            f"SimulatorState(requests={self.total_requests}, in_flight={self.in_flight}, "
+            f"peak_in_flight={self.peak_in_flight})"
+        )
+
+
+class _RateWindow:
+    """Sliding 60 s window of admitted requests; ``limit`` 0 admits everything."""
+
+    def __init__(self, limit: int, period: float = 60.0) -> None:
+        self.limit = limit
+        self.period = period
+        self._admitted: deque[float] = deque()
+
+    def acquire(self, now: float) -> int | None:
+        """Admit a request at ``now`` (None) or return the seconds until a slot frees."""
+        if self.limit <= 0:
+            return None
+        while self._admitted and self._admitted[0] <= now - self.period:
+            self._admitted.popleft()
+        if len(self._admitted) < self.limit:
+            self._admitted.append(now)
+            return None
+        return max(1, math.ceil(self._admitted[0] + self.period - now))
+
+
+# --- schema instances -------------------------------------------------------------------
+
+
+def instance_for_schema(
+    schema: dict[str, Any], seed: str, *, array_items: int = 3, boolean_value: bool = True
+) -> Any:
+    """A JSON instance that validates against ``schema``, fully determined by ``seed``."""
+    return _Generator(schema, seed, array_items, boolean_value).value(schema, "$", "", 0)
+
+
+@dataclass(frozen=True)
+class _Generator:
+    root: dict[str, Any]
+    seed: str
+    array_items: int
+    boolean_value: bool
+
+    def value(self, schema: dict[str, Any], path: str, name: str, depth: int) -> Any:
+        schema = self._resolve(schema)
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return self._rng(path).choice(schema["enum"])
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                option = _pick_option(schema[key], prefer_null=depth >= _MAX_DEPTH)
+                return self.value(option, path, name, depth)
+        kind = _type_of(schema)
+        if kind is None:
+            return schema["default"] if "default" in schema else self._string({}, path, name)
+        return self._typed(kind, schema, path, name, depth)
+
+    def _typed(self, kind: str, schema: dict[str, Any], path: str, name: str, depth: int) -> Any:
+        match kind:
+            case "object":
+                return self._object(schema, path, depth)
+            case "array":
+                return self._array(schema, path, name, depth)
+            case "string":
+                return self._string(schema, path, name)
+            case "integer":
+                return _integer(schema, self._rng(path))
+            case "number":
+                return _number(schema, self._rng(path))
+            case "boolean":
+                return self.boolean_value
+            case _:
+                return None
+
+    def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in schema:
+            target = _pointer(self.root, schema["$ref"])
+            schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        if "allOf" in schema:
+            merged: dict[str, Any] = {}
+            for part in schema["allOf"]:
+                merged.update(self._resolve(part))
+            merged.update({k: v for k, v in schema.items() if k != "allOf"})
+            schema = merged
+        return schema
+
+    def _object(self, schema: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
+        properties: dict[str, Any] = schema.get("properties", {})
+        if properties:
+            return {
+                key: self.value(sub, f"{path}.{key}", key, depth + 1)
+                for key, sub in properties.items()
+            }
+        extra = schema.get("additionalProperties")
+        if not isinstance(extra, dict) or depth >= _MAX_DEPTH:
+            return {}
+        return {
+            f"key{i}": self.value(extra, f"{path}.key{i}", f"key{i}", depth + 1)
+            for i in range(self.array_items)
+        }
+
+    def _array(self, schema: dict[str, Any], path: str, name: str, depth: int) -> list[Any]:
+        if "prefixItems" in schema:
+            return [
+                self.value(sub, f"{path}[{i}]", name, depth + 1)
+                for i, sub in enumerate(schema["prefixItems"])
+            ]
+        if depth >= _MAX_DEPTH:
+            count = int(schema.get("minItems", 0))
+        else:
+            count = int(schema.get("maxItems", schema.get("minItems", self.array_items)))
+        items: dict[str, Any] = schema.get("items", {})
+        return [self.value(items, f"{path}[{i}]", name, depth + 1) for i in range(count)]
+
+    def _string(self, schema: dict[str, Any], path: str, name: str) -> str:
+        if schema.get("format") in _FORMATS:
+            return _FORMATS[schema["format"]]
+        return _sentence(
+            self._rng(path),
+            question="question" in name.lower(),
+            min_length=int(schema.get("minLength", 0)),
+            max_length=schema.get("maxLength"),
+        )
+
+    def _rng(self, path: str) -> random.Random:
+        return random.Random(_digest(f"{self.seed}|{path}"))
+
+
+def _pointer(root: dict[str, Any], ref: str) -> dict[str, Any]:
+    if not ref.startswith("#"):
+        raise ValueError(f"only local $ref is supported, got {ref!r}")
+    node: Any = root
+    for part in ref[1:].split("/")[1:]:
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    if not isinstance(node, dict):
+        raise ValueError(f"$ref {ref!r} does not point at a schema")
+    return node
+
+
+def _pick_option(options: list[dict[str, Any]], *, prefer_null: bool) -> dict[str, Any]:
+    non_null = [o for o in options if o.get("type") != "null"]
+    if non_null and not (prefer_null and len(non_null) < len(options)):
+        return non_null[0]
+    return {"type": "null"}
+
+
+def _type_of(schema: dict[str, Any]) -> str | None:
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return next((k for k in kind if k != "null"), "null")
+    if isinstance(kind, str):
+        return kind
+    if "properties" in schema or "additionalProperties" in schema:
+        return "object"
+    if "items" in schema or "prefixItems" in schema:
+        return "array"
+    return None
+
+
+def _bounds(schema: dict[str, Any]) -> tuple[float, float]:
+    lo = schema.get("minimum", schema.get("exclusiveMinimum"))
+    hi = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if lo is None:
+        lo = 0 if hi is None or hi >= 0 else hi - 100
+    if hi is None:
+        hi = lo + 100
+    return float(lo), float(hi)
+
+
+def _integer(schema: dict[str, Any], rng: random.Random) -> int:
+    lo, hi = _bounds(schema)
+    first = math.floor(lo) + 1 if "exclusiveMinimum" in schema else math.ceil(lo)
+    last = math.ceil(hi) - 1 if "exclusiveMaximum" in schema else math.floor(hi)
+    return rng.randint(first, last) if first <= last else first
+
+
+def _number(schema: dict[str, Any], rng: random.Random) -> float:
+    lo, hi = _bounds(schema)
+    # Staying inside the middle half keeps exclusive bounds satisfied even after rounding.
+    value = lo + (hi - lo) * rng.uniform(0.25, 0.75)
+    return round(value, 2) if hi - lo >= 1 else value
+
+
+def _sentence(
+    rng: random.Random, *, question: bool = False, min_length: int = 0, max_length: int | None
+) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 20))]
+    end = "?" if question else "."
+
+    def render() -> str:
+        return " ".join(words).capitalize() + end
+
+    while len(render()) < min_length:
+        words.append(rng.choice(_WORDS))
+    while max_length is not None and len(render()) > max_length and len(words) > 1:
+        words.pop()
+    return render()[:max_length]
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+# --- request handling -------------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    """The request body cannot be answered; becomes a 400."""
+
+
+_STATE = web.AppKey("simulator_state", SimulatorState)
+_CONFIG = web.AppKey("simulator_config", SimulatorConfig)
+
+
+def make_app(config: SimulatorConfig) -> tuple[web.Application, SimulatorState]:
+    """The simulator's aiohttp application and the statistics it keeps."""
+    state = SimulatorState(config)
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[_STATE] = state
+    app[_CONFIG] = config
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", _chat_completions)
+        app.router.add_get(f"{prefix}/models", _models)
+    return app, state
+
+
+async def _models(request: web.Request) -> web.StreamResponse:
+    config = request.app[_CONFIG]
+    if not _authorized(request, config.api_key):
+        return _unauthorized()
+    return _json({"object": "list", "data": [{"id": config.model, "object": "model"}]})
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    log = state.arrive()
+    status = 500
+    try:
+        response = await _answer(request, request.app[_CONFIG], state, log)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499
+        raise
+    finally:
+        state.depart(log, status)
+
+
+async def _answer(
+    request: web.Request, config: SimulatorConfig, state: SimulatorState, log: RequestLog
+) -> web.StreamResponse:
+    if not _authorized(request, config.api_key):
+        return _unauthorized()
+    retry_after = state.window.acquire(time.monotonic())
+    if retry_after is not None:
+        return _error(
+            429,
+            f"Rate limit reached: {config.rpm_limit} requests per minute.",
+            kind="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(retry_after)},
+        )
+    try:
+        body = _parse_body(await request.read())
+        _describe(log, body)
+        faulty = None if config.fault is None else await config.fault(log.seq, body)
+        if faulty is not None:
+            return faulty
+        completion = _completion(body, config, log.seq)
+    except _BadRequest as err:
+        return _error(400, str(err), kind="invalid_request_error", code=None)
+    await asyncio.sleep(_latency(config, state.rng))
+    return _json(completion)
+
+
+def _authorized(request: web.Request, api_key: str | None) -> bool:
+    if api_key is None:
+        return True
+    got = request.headers.get("Authorization", "")
+    return hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
+
+
+def _unauthorized() -> web.Response:
+    return _error(
+        401, "Incorrect API key provided.", kind="invalid_request_error", code="invalid_api_key"
+    )
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise _BadRequest(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("'messages' must be a non-empty list")
+    if not all(isinstance(m, dict) for m in messages):
+        raise _BadRequest("each message must be an object")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+        raise _BadRequest("'n' must be an integer between 1 and 128")
+    if body.get("stream"):
+        raise _BadRequest("streaming is not supported by the simulator")
+    return body
+
+
+def _describe(log: RequestLog, body: dict[str, Any]) -> None:
+    log.n = body.get("n", 1)
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        log.response_format = str(response_format.get("type"))
+    log.prompt_head = _last_user_text(body["messages"])[:80]
+
+
+def _completion(body: dict[str, Any], config: SimulatorConfig, seq: int) -> dict[str, Any]:
+    count = body.get("n", 1) if config.supports_n else 1
+    messages = orjson.dumps(body["messages"], option=orjson.OPT_SORT_KEYS).decode()
+    request_seed = f"{_digest(messages):x}"
+    choices: list[dict[str, Any]] = []
+    completion_tokens = 0
+    for index in range(count):
+        seed = f"{request_seed}#{index}"
+        message: dict[str, Any] = {"role": "assistant", "content": _content(body, seed, config)}
+        completion_tokens += _tokens(message["content"])
+        if config.reasoning_field is not None:
+            reasoning = "Let me think this through. " + _lorem(seed + "/reasoning")
+            message[config.reasoning_field] = reasoning
+            completion_tokens += _tokens(reasoning)
+        choices.append({"index": index, "message": message, "finish_reason": "stop"})
+    prompt_tokens = sum(_tokens(_text_of(m.get("content"))) for m in body["messages"])
+    return {
+        "id": f"chatcmpl-sim-{seq}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model") or config.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _content(body: dict[str, Any], seed: str, config: SimulatorConfig) -> str:
+    schema, fenced = _requested_schema(body)
+    if schema is None:
+        return _lorem(seed)
+    try:
+        instance = instance_for_schema(
+            schema, seed, array_items=config.array_items, boolean_value=config.boolean_value
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _BadRequest(f"cannot follow the requested schema: {err!r}") from err
+    if not fenced:
+        return orjson.dumps(instance).decode()
+    pretty = orjson.dumps(instance, option=orjson.OPT_INDENT_2).decode()
+    return f"Here is the result:\n```json\n{pretty}\n```\nHope this helps."
+
+
+def _requested_schema(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """The schema to answer with, and whether to wrap it in prose (text mode)."""
+    response_format = body.get("response_format") or {"type": "text"}
+    if not isinstance(response_format, dict):
+        raise _BadRequest("'response_format' must be an object")
+    match response_format.get("type"):
+        case "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise _BadRequest("'response_format.json_schema.schema' must be an object")
+            return schema, False
+        case "json_object":
+            schema = response_format.get("schema") or _prompt_schema(body["messages"])
+            if schema is not None and not isinstance(schema, dict):
+                raise _BadRequest("'response_format.schema' must be an object")
+            return schema or _ANY_OBJECT, False
+        case "text":
+            return _prompt_schema(body["messages"]), True
+        case other:
+            raise _BadRequest(f"unsupported response_format type {other!r}")
+
+
+def _prompt_schema(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    match = _SCHEMA_MARKERS.search(_last_user_text(messages))
+    if match is None:
+        return None
+    try:
+        schema = orjson.loads(match.group(1))
+    except orjson.JSONDecodeError:
+        # A real model would shrug and answer in prose; so does the simulator.
+        logger.warning("the <schema> block in the prompt is not valid JSON")
+        return None
+    return schema if isinstance(schema, dict) else None
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text_of(message.get("content"))
+    return ""
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _lorem(seed: str) -> str:
+    rng = random.Random(_digest(seed))
+    return " ".join(_sentence(rng, max_length=None) for _ in range(rng.randint(2, 4)))
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _latency(config: SimulatorConfig, rng: random.Random) -> float:
+    """Lognormal seconds with mean ``latency_mean_s``; fixed when sigma is 0."""
+    if config.latency_mean_s <= 0:
+        return 0.0
+    if config.latency_sigma <= 0:
+        return config.latency_mean_s
+    mu = math.log(config.latency_mean_s) - config.latency_sigma**2 / 2
+    return rng.lognormvariate(mu, config.latency_sigma)
+
+
+def _json(payload: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    code: str | None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+# --- running it -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningSimulator:
+    """A simulator listening on ``base_url`` (ends in ``/v1``)."""
+
+    base_url: str
+    port: int
+    state: SimulatorState
+    app: web.Application
+
+
+@contextlib.asynccontextmanager
+async def running_simulator(
+    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[RunningSimulator]:
+    """Serve the simulator on ``host:port`` (0: a free port) until the block exits."""
+    app, state = make_app(config or SimulatorConfig())
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        yield RunningSimulator(f"http://{host}:{bound}/v1", bound, state, app)
+    finally:
+        await runner.cleanup()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.simulator", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="sim-teacher")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--latency-mean", type=float, default=0.0, help="seconds")
+    parser.add_argument("--latency-sigma", type=float, default=0.0)
+    parser.add_argument("--rpm-limit", type=int, default=0, help="0: no limit")
+    parser.add_argument("--array-items", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reasoning-field", choices=("reasoning_content", "reasoning"))
+    parser.add_argument("--no-n", action="store_true", help="ignore n, like llama.cpp")
+    return parser
+
+
+async def _serve(config: SimulatorConfig, host: str, port: int) -> None:
+    async with running_simulator(config, host=host, port=port) as sim:
+        logger.info("simulated teacher %r listening on %s", config.model, sim.base_url)
+        await asyncio.Event().wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: serve until interrupted."""
+    args = _parser().parse_args(argv)
+    config = SimulatorConfig(
+        model=args.model,
+        api_key=args.api_key,
+        latency_mean_s=args.latency_mean,
+        latency_sigma=args.latency_sigma,
+        seed=args.seed,
+        array_items=args.array_items,
+        reasoning_field=args.reasoning_field,
+        supports_n=not args.no_n,
+        rpm_limit=args.rpm_limit,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
