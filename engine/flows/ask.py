@@ -1,0 +1,212 @@
+"""Ask the teacher for structured replies; ask again for what did not validate.
+
+A reply whose choices do not parse is asked again, up to ``retry.invalid_reply_attempts``
+rounds in all. With several choices (``n``), the valid ones are kept and only the missing
+number is asked for again; the same happens when a server returns fewer choices than
+asked. With ``supports_n = false`` the samples are separate ``n=1`` requests, sent at once.
+Each valid sample is handed on (``on_item``) as soon as it arrives, so its branch of the
+unit can go on while the others are still outstanding. Separate samples and re-asks carry a
+short note, so that a server deterministic in the prompt does not repeat itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
+
+from engine import structured
+from engine.errors import InvalidReply, ItemError
+from engine.structured import Mode
+from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+NOTE_REASON_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Ask(Generic[T]):
+    """What a stage asks for: the prompt, the reply model and the sampling knobs."""
+
+    stage: str
+    messages: tuple[Message, ...]
+    reply: type[T]
+    temperature: float
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed(Generic[T]):
+    """One validated choice, with the choice itself (for reasoning) and the model name."""
+
+    value: T
+    choice: Choice
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Samples (by slot) that could not be obtained, and why."""
+
+    slots: tuple[int, ...]
+    error: ItemError
+
+
+OnItem = Callable[[int, Parsed[T]], object]
+# Returns why a parsed value is unacceptable, or "" when it is fine.
+Check = Callable[[T], str]
+
+
+def _accept_all(value: BaseModel) -> str:
+    return ""
+
+
+def _distinct(key: Callable[[T], str] | None) -> Check[T]:
+    if key is None:
+        return _accept_all
+    seen: set[str] = set()
+
+    def check(value: T) -> str:
+        k = key(value)
+        if k in seen:
+            return "the same text as an earlier sample"
+        seen.add(k)
+        return ""
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Sends a stage's requests for the flows and turns replies into validated values."""
+
+    teacher: Teacher
+    mode: Mode
+    attempts: int
+    supports_n: bool
+
+    def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
+        """The request for ``ask``: ``note`` and the schema instructions appended to the last
+        message, ``response_format`` set."""
+        *head, last = ask.messages
+        instructions = structured.schema_instructions(ask.reply, self.mode)
+        content = "\n\n".join(part for part in (last.content, note, instructions) if part)
+        return ChatRequest(
+            messages=(*head, Message(last.role, content)),
+            temperature=ask.temperature,
+            max_tokens=ask.max_tokens,
+            n=n,
+            response_format=structured.response_format(ask.reply, self.mode),
+            stage=ask.stage,
+        )
+
+    async def one(self, ask: Ask[T]) -> Parsed[T]:
+        """One validated reply; raises the ``ItemError`` that lost it."""
+        got: list[Parsed[T]] = []
+        lost = await self._fill(ask, [0], lambda _slot, item: got.append(item), _accept_all)
+        if lost is not None:
+            raise lost.error
+        return got[0]
+
+    async def many(
+        self,
+        ask: Ask[T],
+        count: int,
+        on_item: OnItem[T],
+        distinct: Callable[[T], str] | None = None,
+    ) -> list[Lost]:
+        """Collect ``count`` samples, calling ``on_item(slot, parsed)`` as each arrives.
+
+        Returns what was lost. With ``distinct``, a sample whose key repeats an earlier one
+        counts as invalid and is asked again.
+        """
+        check = _distinct(distinct)
+        if self.supports_n:
+            lost = await self._fill(ask, list(range(count)), on_item, check, count)
+            return [] if lost is None else [lost]
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._fill(ask, [slot], on_item, check, count))
+                for slot in range(count)
+            ]
+        return [lost for task in tasks if (lost := task.result()) is not None]
+
+    async def _fill(
+        self, ask: Ask[T], slots: list[int], on_item: OnItem[T], check: Check[T], total: int = 1
+    ) -> Lost | None:
+        """Fill ``slots`` with valid samples, one request per round for all still missing."""
+        missing = list(slots)
+        problem: InvalidReply | None = None
+        bad_rounds = 0
+        while True:
+            request = self.request(ask, len(missing), _note(missing[0], total, problem))
+            try:
+                reply = await self.teacher.complete(request)
+            except ItemError as err:
+                return Lost(tuple(missing), err)
+            round_problem = self._take(ask, reply, missing, on_item, check)
+            if not missing:
+                return None
+            if round_problem is None:
+                continue  # fewer choices than asked, all valid: top up, no attempt spent
+            problem = round_problem
+            bad_rounds += 1
+            if bad_rounds >= self.attempts:
+                error = InvalidReply(str(problem), body=problem.body, attempts=bad_rounds)
+                return Lost(tuple(missing), error)
+
+    def _take(
+        self,
+        ask: Ask[T],
+        reply: ChatReply,
+        missing: list[int],
+        on_item: OnItem[T],
+        check: Check[T],
+    ) -> InvalidReply | None:
+        """Hand each valid choice to the next missing slot; return the last problem seen."""
+        problem = None if reply.choices else InvalidReply("the reply had no choices")
+        model = reply.model or self.teacher.model
+        for choice in reply.choices[: len(missing)]:
+            try:
+                value = _parse(ask, choice, check)
+            except InvalidReply as err:
+                log.debug("%s: invalid reply: %s", ask.stage, err)
+                problem = err
+                continue
+            on_item(missing.pop(0), Parsed(value, choice, model))
+        return problem
+
+
+def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
+    try:
+        value = structured.parse_reply(choice.content, ask.reply)
+    except InvalidReply as err:
+        if choice.finish_reason == "length":
+            raise InvalidReply(
+                f"cut off at max_tokens={ask.max_tokens}: {err}", body=err.body
+            ) from err
+        raise
+    reason = check(value)
+    if reason:
+        raise InvalidReply(reason, body=choice.content[: structured.EXCERPT_CHARS])
+    return value
+
+
+def _note(slot: int, total: int, problem: InvalidReply | None) -> str:
+    """Set apart the requests of one stage that would otherwise be identical.
+
+    A server that is deterministic for a given prompt (greedy decoding, a seeded or simulated
+    server) would answer a separate sample or a re-ask exactly as before.
+    """
+    parts = []
+    if slot > 0:
+        parts.append(f"(Variant {slot + 1} of {total}.)")
+    if problem is not None:
+        reason = str(problem)[:NOTE_REASON_CHARS]
+        parts.append(f"(An earlier answer to this request was rejected: {reason}.)")
+    return " ".join(parts)

@@ -1,0 +1,65 @@
+"""``extractive_summary`` and ``detailed_summary``: N summaries, questions on each, answers.
+
+Each summary becomes the grounding ``document`` of its own question/answer pairs. Summary
+i's questions are asked as soon as summary i has arrived, not when all N have.
+"""
+
+from __future__ import annotations
+
+from engine import prompts
+from engine.config import SummaryConfig
+from engine.flows.ask import Ask, Parsed
+from engine.flows.base import UnitResult
+from engine.flows.qa import Knobs, QuestionsThenAnswers
+from engine.flows.unit import FlowContext, Unit
+from engine.seeds import SeedRow
+from engine.structured import Summary
+
+
+def _slot_path(slot: int) -> tuple[str]:
+    return (f"s{slot:03d}",)
+
+
+class SummaryFlow:
+    def __init__(
+        self,
+        gen_type: str,
+        style: prompts.SummaryStyle,
+        config: SummaryConfig,
+        ctx: FlowContext,
+    ) -> None:
+        self.gen_type = gen_type
+        self.style: prompts.SummaryStyle = style
+        self.config = config
+        self.ctx = ctx
+        qa = Knobs(config.qa_temperature, config.qa_max_tokens)
+        self.qa = QuestionsThenAnswers(config.questions_per_summary, questions=qa, answers=qa)
+
+    async def run(self, seed: SeedRow) -> UnitResult:
+        async with self.ctx.unit(seed, self.gen_type) as unit:
+            unit.spawn(unit.stage("summary"), "summaries", self._summaries(unit))
+        return unit.result()
+
+    async def _summaries(self, unit: Unit) -> None:
+        ask = Ask(
+            unit.stage("summary"),
+            prompts.summary_messages(unit.seed, self.style),
+            Summary,
+            self.config.temperature,
+            self.config.max_tokens,
+        )
+
+        def on_summary(slot: int, got: Parsed[Summary]) -> None:
+            path = _slot_path(slot)
+            step = self.qa.questions_step(unit, path, got.value.summary)
+            unit.spawn(unit.stage("questions"), path[0], step)
+
+        lost = await unit.asker.many(
+            ask, self.config.summaries, on_summary, distinct=lambda s: s.summary
+        )
+        for item in lost:
+            where = ",".join(_slot_path(slot)[0] for slot in item.slots)
+            unit.fail(ask.stage, where, item.error)
+
+    def __repr__(self) -> str:
+        return f"<SummaryFlow {self.gen_type} x{self.config.summaries}>"

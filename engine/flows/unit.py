@@ -1,0 +1,179 @@
+"""One (document, type) unit in progress: its branches, its records, its failures, the judge.
+
+There are no stage barriers: each step of a branch runs as its own task in the unit's task
+group and spawns the next steps as soon as its reply arrives. An ``ItemError`` ends only
+the branch it happened in and becomes one ``Failure``; ``FatalRunError`` and cancellation
+end the whole unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from engine import prompts
+from engine.errors import FatalRunError, ItemError
+from engine.flows.ask import Ask, Asker
+from engine.flows.base import Failure, UnitResult, make_record
+from engine.seeds import SeedRow
+from engine.structured import Verdict
+
+log = logging.getLogger(__name__)
+REASON_EXCERPT_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Judge:
+    temperature: float
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A produced question/answer pair, before the (optional) judge and the record."""
+
+    path: tuple[str, ...]
+    document: str
+    question: str
+    response: str
+    model: str
+    reasoning: str | None = None
+    key_fact: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowContext:
+    """What every flow needs besides its own settings."""
+
+    asker: Asker
+    judge: Judge | None = None
+
+    def unit(self, seed: SeedRow, gen_type: str) -> Unit:
+        return Unit(seed, gen_type, self.asker, self.judge)
+
+
+def label(path: tuple[str, ...]) -> str:
+    """The ``Failure.item`` for a branch, e.g. ``"s003/q01"``."""
+    return "/".join(path)
+
+
+class Unit:
+    """Use as ``async with``: leaving waits for every branch spawned inside."""
+
+    def __init__(self, seed: SeedRow, gen_type: str, asker: Asker, judge: Judge | None) -> None:
+        self.seed = seed
+        self.gen_type = gen_type
+        self.asker = asker
+        self._judge = judge
+        self._tg = asyncio.TaskGroup()
+        self._records: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+        self._failures: list[Failure] = []
+        self._judged_out = 0
+
+    def stage(self, name: str) -> str:
+        """The full stage name, e.g. ``"extractive_summary/questions"``."""
+        return f"{self.gen_type}/{name}"
+
+    async def __aenter__(self) -> Unit:
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._tg.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The scheduler stops the run on FatalRunError itself, not on a group holding one.
+            fatal = group.subgroup(FatalRunError)
+            if fatal is None:
+                raise
+            raise _first_leaf(fatal) from None
+
+    def spawn(self, stage: str, item: str, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` (one request of ``stage`` for ``item``) as a branch of the unit."""
+        guarded = self._guard(stage, item, step)
+        try:
+            self._tg.create_task(guarded)
+        except RuntimeError:  # the unit is shutting down after a fatal error
+            guarded.close()
+            step.close()
+            raise
+
+    async def _guard(self, stage: str, item: str, step: Coroutine[Any, Any, None]) -> None:
+        try:
+            await step
+        except ItemError as err:
+            self.fail(stage, item, err)
+
+    def fail(self, stage: str, item: str, err: ItemError) -> None:
+        log.info("%s %s %s lost: %s", self.seed.doc_id, stage, item, err)
+        self._failures.append(Failure.from_error(stage, item, err))
+
+    def add(self, pair: Pair) -> None:
+        """Keep ``pair`` as a record, after the judge's verdict when the judge is on."""
+        if self._judge is None:
+            self._keep(pair)
+        else:
+            self.spawn(self.stage("judge"), label(pair.path), self._judged(pair, self._judge))
+
+    async def _judged(self, pair: Pair, judge: Judge) -> None:
+        ask = Ask(
+            self.stage("judge"),
+            prompts.judge_messages(pair.document, pair.question, pair.response),
+            Verdict,
+            judge.temperature,
+            judge.max_tokens,
+        )
+        verdict = (await self.asker.one(ask)).value
+        if verdict.faithful:
+            self._keep(pair)
+            return
+        self._judged_out += 1
+        log.info(
+            "%s %s %s judged unfaithful: %s",
+            self.seed.doc_id,
+            self.gen_type,
+            label(pair.path),
+            verdict.reason[:REASON_EXCERPT_CHARS],
+        )
+
+    def _keep(self, pair: Pair) -> None:
+        record = make_record(
+            self.seed,
+            self.gen_type,
+            pair.path,
+            document=pair.document,
+            question=pair.question,
+            response=pair.response,
+            model=pair.model,
+            reasoning=pair.reasoning,
+            key_fact=pair.key_fact,
+        )
+        self._records.append((pair.path, record))
+
+    def result(self) -> UnitResult:
+        """Records in path order (not arrival order), failures by item then stage."""
+        return UnitResult(
+            records=[record for _path, record in sorted(self._records, key=lambda r: r[0])],
+            failures=sorted(self._failures, key=lambda f: (f.item, f.stage)),
+            judged_out=self._judged_out,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Unit {self.seed.doc_id} {self.gen_type} records={len(self._records)} "
+            f"failures={len(self._failures)} judged_out={self._judged_out}>"
+        )
+
+
+def _first_leaf(group: BaseExceptionGroup[FatalRunError]) -> FatalRunError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
