@@ -1,0 +1,90 @@
+"""The pipeline: one producer, a pool of unit workers and one writer, joined by bounded queues.
+
+The producer streams seed rows and turns each into (document, type) units; workers run a unit's
+flow to the end (its stages advance branch by branch, never waiting for other units); the
+writer appends each finished unit. Bounded queues are the back-pressure: memory holds at most
+a few units per worker, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+
+from engine.checkpoint import Checkpoint
+from engine.flows.base import Flow
+from engine.seeds import Reject, SeedRow
+from engine.stats import Stats
+from engine.writer import OutputWriter, UnitDone, WriterItem
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[SeedRow, Flow]
+
+
+class Scheduler:
+    """Runs every unit that the checkpoint does not already hold."""
+
+    def __init__(
+        self,
+        flows: Sequence[Flow],
+        writer: OutputWriter,
+        checkpoint: Checkpoint,
+        stats: Stats,
+        workers: int,
+    ) -> None:
+        self.flows = flows
+        self.writer = writer
+        self.checkpoint = checkpoint
+        self.stats = stats
+        self.workers = workers
+        self.active = 0
+
+    async def run(self, seeds: Iterable[SeedRow | Reject]) -> None:
+        """Process ``seeds`` to the end. Cancelled, the writer still commits finished units."""
+        units: asyncio.Queue[Unit | None] = asyncio.Queue(maxsize=self.workers)
+        results: asyncio.Queue[WriterItem | None] = asyncio.Queue(maxsize=self.workers)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.writer.run(results), name="writer")
+            pool = [
+                tg.create_task(self._work(units, results), name=f"worker-{i}")
+                for i in range(self.workers)
+            ]
+            await self._produce(seeds, units, results)
+            for _ in pool:
+                await units.put(None)
+            await asyncio.gather(*pool)
+            await results.put(None)
+
+    async def _produce(
+        self,
+        seeds: Iterable[SeedRow | Reject],
+        units: asyncio.Queue[Unit | None],
+        results: asyncio.Queue[WriterItem | None],
+    ) -> None:
+        for item in seeds:
+            if isinstance(item, Reject):
+                log.warning("seed line %d rejected: %s", item.line_no, item.reason)
+                await results.put(item)
+                continue
+            for flow in self.flows:
+                if self.checkpoint.is_done(item.doc_id, flow.gen_type):
+                    self.stats.units_skipped[flow.gen_type] += 1
+                else:
+                    await units.put((item, flow))
+
+    async def _work(
+        self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]
+    ) -> None:
+        while (unit := await units.get()) is not None:
+            seed, flow = unit
+            self.active += 1
+            try:
+                result = await flow.run(seed)
+            finally:
+                self.active -= 1
+            await results.put(UnitDone(seed, flow.gen_type, result))
+
+    def __repr__(self) -> str:
+        return f"<Scheduler workers={self.workers} active={self.active} {self.stats!r}>"

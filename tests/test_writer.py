@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.checkpoint import PROGRESS_FILE, load_checkpoint
+from engine.flows.base import Failure, UnitResult, make_record
+from engine.seeds import Reject, SeedRow, doc_id_for
+from engine.stats import Stats
+from engine.writer import OutputWriter, UnitDone, WriterItem
+
+TYPES = ["extractive_summary", "document_based_qa"]
+
+
+def seed(text: str, line_no: int = 1) -> SeedRow:
+    return SeedRow(
+        doc_id=doc_id_for(text),
+        line_no=line_no,
+        document=text,
+        document_outline="Outline",
+        domain="d",
+        icl_document="icl",
+        icl_query_1="q1",
+        icl_query_2="q2",
+        icl_query_3="q3",
+    )
+
+
+def unit(text: str, gen_type: str, pairs: int, failures: int = 0) -> UnitDone:
+    row = seed(text)
+    records = [
+        make_record(
+            row, gen_type, (f"q{i:02d}",), document=text, question=f"Q{i}?", response="A", model="m"
+        )
+        for i in range(pairs)
+    ]
+    lost = [Failure("answer", f"question {i}", "invalid_reply", "bad") for i in range(failures)]
+    return UnitDone(row, gen_type, UnitResult(records=records, failures=lost))
+
+
+async def write_all(out: Path, items: list[WriterItem]) -> Stats:
+    stats = Stats()
+    writer = OutputWriter(out, TYPES, load_checkpoint(out), stats)
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    for item in [*items, None]:
+        queue.put_nowait(item)
+    await writer.run(queue)
+    return stats
+
+
+def lines(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def test_units_rejects_and_failures_land_in_their_files(tmp_path: Path) -> None:
+    stats = await write_all(
+        tmp_path,
+        [
+            unit("doc a", "extractive_summary", 3),
+            Reject(7, "blank line", ""),
+            unit("doc a", "document_based_qa", 2, failures=1),
+        ],
+    )
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 3
+    assert len(lines(tmp_path / "document_based_qa/gen.jsonl")) == 2
+    [failure] = lines(tmp_path / "failures.jsonl")
+    assert failure["gen_type"] == "document_based_qa" and failure["kind"] == "invalid_reply"
+    assert lines(tmp_path / "rejects.jsonl") == [{"line": 7, "reason": "blank line", "excerpt": ""}]
+    assert [p["records"] for p in lines(tmp_path / PROGRESS_FILE)] == [3, 2]
+    assert stats.records == {"extractive_summary": 3, "document_based_qa": 2}
+    assert stats.rejects == 1 and stats.failures == {"invalid_reply": 1}
+
+
+async def test_every_type_gets_a_file_even_without_records(tmp_path: Path) -> None:
+    await write_all(tmp_path, [])
+    for gen_type in TYPES:
+        assert (tmp_path / gen_type / "gen.jsonl").read_bytes() == b""
+
+
+async def test_resume_cuts_a_half_written_unit_and_a_torn_line(tmp_path: Path) -> None:
+    await write_all(tmp_path, [unit("doc a", "extractive_summary", 2)])
+    gen = tmp_path / "extractive_summary/gen.jsonl"
+    committed = gen.read_bytes()
+    # A crash after part of the next unit was written, mid-line, before its progress line.
+    with gen.open("ab") as f:
+        f.write(orjson.dumps({"id": "partial"}) + b"\n" + b'{"id": "tor')
+    with (tmp_path / "failures.jsonl").open("ab") as f:
+        f.write(b'{"half": ')
+    checkpoint = load_checkpoint(tmp_path)
+    assert gen.read_bytes() == committed
+    assert (tmp_path / "failures.jsonl").read_bytes() == b""
+    assert checkpoint.is_done(doc_id_for("doc a"), "extractive_summary")
+    assert not checkpoint.is_done(doc_id_for("doc a"), "document_based_qa")
+
+
+async def test_a_torn_progress_line_means_that_unit_is_redone(tmp_path: Path) -> None:
+    await write_all(tmp_path, [unit("doc a", "extractive_summary", 2)])
+    await write_all(tmp_path, [unit("doc b", "extractive_summary", 3)])
+    progress = tmp_path / PROGRESS_FILE
+    data = progress.read_bytes()
+    progress.write_bytes(data[:-5])  # the second unit's progress line was torn by a crash
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint.is_done(doc_id_for("doc a"), "extractive_summary")
+    assert not checkpoint.is_done(doc_id_for("doc b"), "extractive_summary")
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 2
+    assert len(lines(progress)) == 1
+    # Resuming appends after the cut: each unit's records exactly once.
+    await write_all(tmp_path, [unit("doc b", "extractive_summary", 3)])
+    ids = [r["id"] for r in lines(tmp_path / "extractive_summary/gen.jsonl")]
+    assert len(ids) == len(set(ids)) == 5
+
+
+async def test_cancelled_writer_still_commits_units_that_arrived(tmp_path: Path) -> None:
+    stats = Stats()
+    writer = OutputWriter(tmp_path, TYPES, load_checkpoint(tmp_path), stats)
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    task = asyncio.create_task(writer.run(queue))
+    await asyncio.sleep(0)  # the writer now waits for work
+    queue.put_nowait(unit("doc a", "extractive_summary", 2))
+    queue.put_nowait(unit("doc b", "extractive_summary", 1))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 3
+    assert len(load_checkpoint(tmp_path).done) == 2
+
+
+async def test_rejects_are_recomputed_each_run(tmp_path: Path) -> None:
+    await write_all(tmp_path, [Reject(1, "blank line", "")])
+    await write_all(tmp_path, [Reject(1, "blank line", "")])
+    assert len(lines(tmp_path / "rejects.jsonl")) == 1
