@@ -30,6 +30,7 @@ from engine.errors import (
     TeacherTimeout,
 )
 from engine.limits import RequestLimiter
+from engine.outage import OutageGate, Outcome
 from engine.retry import backoff, classify, retry_after
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Choice, Usage
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 # Connections beyond the concurrency cap, so a connection being closed never blocks a new one.
 _SPARE_CONNECTIONS = 8
 _EXCERPT_CHARS = 300
+# A proxy or load balancer answering for a backend that is gone.
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class HTTPTeacher:
@@ -67,6 +70,13 @@ class HTTPTeacher:
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._session: aiohttp.ClientSession | None = None
+        self._gate = OutageGate(
+            teacher.base_url,
+            threshold=retry.outage_threshold,
+            probe_base_s=retry.outage_probe_base_s,
+            probe_max_s=retry.outage_probe_max_s,
+            give_up_s=retry.outage_max_s,
+        )
 
     async def __aenter__(self) -> Self:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -95,18 +105,24 @@ class HTTPTeacher:
     async def complete(self, request: ChatRequest) -> ChatReply:
         """Send ``request``; retry timeouts, resets, 408/409/429/5xx and malformed replies.
 
-        Raises ``RequestRejected`` (other 4xx), ``RetriesExhausted`` (attempts used up) or
-        ``AuthError`` (401/403, fatal for the run).
+        While the endpoint is down (see ``engine.outage``) failed attempts do not count against
+        ``retry.max_attempts``. Raises ``RequestRejected`` (other 4xx), ``RetriesExhausted``
+        (attempts used up), ``AuthError`` (401/403) or ``EndpointDown`` (both fatal for the run).
         """
         body = orjson.dumps(request.payload(self.model))
         max_attempts = self._retry.max_attempts
-        for attempt in range(1, max_attempts + 1):
+        attempt = 0
+        while True:
             try:
                 return await self._attempt(body)
             except ItemError as err:
-                err.attempts = attempt
+                err.attempts = attempt + 1
                 raise
             except RetryableError as err:
+                if self._gate.down and _unreachable(err):
+                    self._stats.retries[_reason(err)] += 1
+                    continue  # the gate paces the probes; the item's budget is untouched
+                attempt += 1
                 if attempt == max_attempts:
                     raise RetriesExhausted(
                         f"gave up after {attempt} attempts: {err}",
@@ -115,11 +131,10 @@ class HTTPTeacher:
                         attempts=attempt,
                     ) from err
                 await self._wait(attempt, err, request.stage)
-        raise AssertionError("unreachable: max_attempts >= 1")
 
     async def _wait(self, attempt: int, err: RetryableError, stage: str) -> None:
         # Outside the limiter's slot: a request backing off must not hold concurrency.
-        reason = str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
+        reason = _reason(err)
         self._stats.retries[reason] += 1
         delay = backoff(
             attempt,
@@ -141,25 +156,36 @@ class HTTPTeacher:
         await self._sleep(delay)
 
     async def _attempt(self, body: bytes) -> ChatReply:
-        """One POST: the reply, or the engine error that says what went wrong."""
-        if self._session is None:
-            raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
-        async with self._limiter.slot():
+        """One request in a limiter slot: the reply, or the engine error saying what went wrong."""
+        # The gate is passed inside the slot: requests queued for a slot when the endpoint
+        # went down must not all go out once they get one.
+        async with self._limiter.slot(), self._gate.passage() as passage:
             self._stats.requests_sent += 1
             try:
-                async with self._session.post(self._url, data=body) as response:
-                    status, headers = response.status, response.headers
-                    raw = await response.read()
-            # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
-            except TimeoutError as err:
-                raise TeacherTimeout(f"no reply from {self._url} in time") from err
-            except aiohttp.InvalidURL as err:
-                raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
-            except aiohttp.ClientError as err:
-                raise TeacherConnectionError(
-                    f"connection to {self._url} failed: {type(err).__name__}: {err}"
-                ) from err
+                status, headers, raw = await self._post(body)
+            except RetryableError:
+                passage.outcome = Outcome.UNREACHABLE
+                raise
+            gone = status in _GATEWAY_STATUSES
+            passage.outcome = Outcome.UNREACHABLE if gone else Outcome.ANSWERED
         return self._reply(status, headers, raw)
+
+    async def _post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        """The HTTP exchange itself; aiohttp's exceptions end here."""
+        if self._session is None:
+            raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
+        try:
+            async with self._session.post(self._url, data=body) as response:
+                return response.status, response.headers, await response.read()
+        # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
+        except TimeoutError as err:
+            raise TeacherTimeout(f"no reply from {self._url} in time") from err
+        except aiohttp.InvalidURL as err:
+            raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
+        except aiohttp.ClientError as err:
+            raise TeacherConnectionError(
+                f"connection to {self._url} failed: {type(err).__name__}: {err}"
+            ) from err
 
     def _reply(self, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
         decision = classify(status)
@@ -208,6 +234,17 @@ class HTTPTeacher:
 
     def __repr__(self) -> str:
         return f"<HTTPTeacher {self.base_url} model={self.model}>"
+
+
+def _unreachable(err: RetryableError) -> bool:
+    """Failures that say the server is not there, as opposed to a server answering badly."""
+    if isinstance(err, TeacherHTTPError):
+        return err.status in _GATEWAY_STATUSES
+    return isinstance(err, TeacherConnectionError | TeacherTimeout)
+
+
+def _reason(err: RetryableError) -> str:
+    return str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
 
 
 def _choice(item: Any, raw: bytes) -> Choice:

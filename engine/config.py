@@ -83,6 +83,18 @@ class RetryConfig(_Section):
     retry_after_max_s: float = Field(120.0, ge=0, le=3600)
     # Replies that do not parse/validate against the stage's schema are asked again this often.
     invalid_reply_attempts: int = Field(3, ge=1, le=20)
+    # Failures in a row, across requests, that mean the endpoint is down (refused, reset,
+    # timeout, 502/503/504): dispatch pauses and one probe at a time checks for its return.
+    outage_threshold: int = Field(5, ge=1, le=10_000)
+    outage_probe_base_s: float = Field(1.0, gt=0, le=600)
+    outage_probe_max_s: float = Field(30.0, gt=0, le=3600)
+    # Stop (resumably) when the endpoint has been down this long.
+    outage_max_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+
+
+class RunConfig(_Section):
+    # After SIGINT/SIGTERM, units in flight get this long to finish before they are cancelled.
+    grace_s: float = Field(30.0, ge=0, le=3600)
 
 
 class _StageKnobs(_Section):
@@ -131,6 +143,7 @@ class Config(_Section):
     teacher: TeacherConfig
     limits: LimitsConfig = LimitsConfig()
     retry: RetryConfig = RetryConfig()
+    run: RunConfig = RunConfig()
     generation: GenerationConfig = GenerationConfig()
 
     @property

@@ -109,3 +109,15 @@ class InvalidReply(ItemError):
     """The teacher's reply did not parse or validate against the stage's schema."""
 
     kind = "invalid_reply"
+
+
+class EndpointDown(FatalRunError):
+    """The teacher stayed unreachable longer than ``retry.outage_max_s``."""
+
+    def __init__(self, endpoint: str, seconds: float) -> None:
+        self.endpoint = endpoint
+        self.seconds = seconds
+        super().__init__(
+            f"the teacher at {endpoint} has been unreachable for {seconds:.0f} s "
+            "(retry.outage_max_s): stopping; run the same command again to resume"
+        )

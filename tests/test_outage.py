@@ -1,0 +1,194 @@
+"""The outage gate, driven through the real client with a fake endpoint on virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.client import HTTPTeacher
+from engine.config import RetryConfig, TeacherConfig
+from engine.errors import EndpointDown, RetriesExhausted, TeacherConnectionError
+from engine.job import run_job
+from engine.limits import RequestLimiter
+from engine.simulator import SimulatorConfig, running_simulator
+from engine.stats import Stats
+from engine.teacher import ChatReply, ChatRequest, Message
+from tests.clock import run_virtual
+from tests.test_e2e import assert_complete_output, config_for
+
+REQUEST = ChatRequest(messages=(Message("user", "hi"),))
+OK_BODY = b'{"model": "m", "choices": [{"message": {"content": "ok"}}]}'
+LATENCY_S = 1.0
+
+
+class FakeEndpoint:
+    """Answers after ``LATENCY_S``; while ``is_down(now)``, fails at once with ``fail``: a
+    refused connection, or an HTTP status."""
+
+    def __init__(self, is_down: Callable[[float], bool], fail: int | None = None) -> None:
+        self.is_down = is_down
+        self.fail = fail
+        self.in_flight = 0
+        self.peak_in_flight_while_down = 0
+        self.down_attempts: list[tuple[float, int]] = []  # (time, in flight) of each
+        self.attempts = 0
+        self.first_success_after: dict[float, float] = {}
+
+    async def __call__(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        loop = asyncio.get_running_loop()
+        self.attempts += 1
+        if self.is_down(loop.time()):
+            self.in_flight += 1
+            self.peak_in_flight_while_down = max(self.peak_in_flight_while_down, self.in_flight)
+            self.down_attempts.append((loop.time(), self.in_flight))
+            await asyncio.sleep(0.01)
+            self.in_flight -= 1
+            if self.fail is None:
+                raise TeacherConnectionError("connection refused")
+            return self.fail, {}, b"upstream trouble"
+        await asyncio.sleep(LATENCY_S)
+        return 200, {}, OK_BODY
+
+
+def make_teacher(endpoint: FakeEndpoint, **retry: float) -> tuple[HTTPTeacher, Stats]:
+    stats = Stats()
+    config = RetryConfig.model_validate(
+        {
+            "max_attempts": 4,
+            "backoff_base_s": 0.5,
+            "backoff_max_s": 8,
+            "outage_threshold": 5,
+            "outage_probe_base_s": 1,
+            "outage_probe_max_s": 30,
+            "outage_max_s": 3600,
+            **retry,
+        }
+    )
+    teacher = HTTPTeacher(
+        TeacherConfig(base_url="http://teacher.test/v1", model="m"),
+        config,
+        RequestLimiter(requests_per_minute=1_000_000, max_concurrency=32),
+        stats,
+    )
+    teacher._post = endpoint  # type: ignore[method-assign]  # the HTTP exchange, faked
+    return teacher, stats
+
+
+async def _send_all(teacher: HTTPTeacher, count: int) -> list[ChatReply | BaseException]:
+    return await asyncio.gather(
+        *(teacher.complete(REQUEST) for _ in range(count)), return_exceptions=True
+    )
+
+
+def test_a_ten_minute_outage_mid_run_fails_no_item() -> None:
+    outage = (60.0, 660.0)
+    endpoint = FakeEndpoint(lambda now: outage[0] <= now < outage[1])
+    teacher, _ = make_teacher(endpoint)
+    resumed_at: list[float] = []
+
+    async def scenario() -> list[ChatReply | BaseException]:
+        results = await _send_all(teacher, 4000)
+        resumed_at.append(asyncio.get_running_loop().time())
+        return results
+
+    results = run_virtual(scenario())
+    assert [r for r in results if not isinstance(r, ChatReply)] == []
+    assert teacher._gate.outages == 1 and not teacher._gate.down
+    # The wave in flight when it went down fails at once; after that, one probe at a time.
+    assert endpoint.peak_in_flight_while_down <= 32
+    assert max(n for t, n in endpoint.down_attempts if t > outage[0] + 1) == 1
+    probes = endpoint.attempts - 4000
+    # Probing backs off to one every 30 s: a 600 s outage costs tens of attempts, not
+    # thousands (4000 items x 4 attempts would all have been burnt within a minute).
+    assert probes < 32 + 40, probes
+    # Work resumed promptly after the endpoint came back: 4000 x 1 s at 32 in flight is
+    # 125 s of work, 60 s of it before the outage.
+    assert resumed_at[0] < outage[1] + 30 + 70, resumed_at
+
+
+def test_only_one_probe_in_flight_while_down() -> None:
+    down_from = 5.0
+    endpoint = FakeEndpoint(lambda now: now >= down_from)
+    teacher, _ = make_teacher(endpoint, outage_max_s=300)
+    results = run_virtual(_send_all(teacher, 200))
+    # After the first wave that tipped the gate, every attempt is a lone probe.
+    assert endpoint.peak_in_flight_while_down <= 32
+    assert max(n for t, n in endpoint.down_attempts if t > down_from + 1) == 1
+    assert all(isinstance(r, EndpointDown) for r in results if not isinstance(r, ChatReply))
+
+
+def test_an_endless_outage_stops_the_run_after_outage_max_s() -> None:
+    endpoint = FakeEndpoint(lambda now: True)
+    teacher, _ = make_teacher(endpoint, outage_max_s=120)
+    ended: list[float] = []
+
+    async def scenario() -> list[ChatReply | BaseException]:
+        results = await _send_all(teacher, 50)
+        ended.append(asyncio.get_running_loop().time())
+        return results
+
+    results = run_virtual(scenario())
+    assert all(isinstance(r, EndpointDown) for r in results), results
+    assert "unreachable for" in str(results[0]) and "teacher.test" in str(results[0])
+    assert 120 <= ended[0] < 120 + 31 + 1
+    assert endpoint.attempts < 50 * 4  # no item burnt its budget
+
+
+def test_gateway_errors_count_as_an_outage_but_500_does_not() -> None:
+    gateway = FakeEndpoint(lambda now: now < 100, 502)
+    teacher, _ = make_teacher(gateway)
+    results = run_virtual(_send_all(teacher, 40))
+    assert all(isinstance(r, ChatReply) for r in results)
+    assert teacher._gate.outages == 1
+
+    server_error = FakeEndpoint(lambda now: True, 500)
+    teacher, _ = make_teacher(server_error)
+    results = run_virtual(_send_all(teacher, 10))
+    assert all(isinstance(r, RetriesExhausted) and r.attempts == 4 for r in results)
+    assert teacher._gate.outages == 0
+
+
+def test_a_short_streak_below_the_threshold_uses_the_items_own_budget() -> None:
+    endpoint = FakeEndpoint(lambda now: True)
+    teacher, _ = make_teacher(endpoint, outage_threshold=10, max_attempts=3)
+
+    async def one() -> None:
+        with pytest.raises(RetriesExhausted) as caught:
+            await teacher.complete(REQUEST)
+        assert caught.value.attempts == 3
+
+    run_virtual(one())
+    assert endpoint.attempts == 3 and not teacher._gate.down
+
+
+async def test_the_teacher_going_away_mid_run_loses_nothing(tmp_path: Path) -> None:
+    """A real server stops (connections refused) and comes back on the same port."""
+    sim_config = SimulatorConfig(latency_mean_s=0.05)
+    stats = Stats()
+    async with contextlib.AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(running_simulator(sim_config))
+        config = config_for(
+            sim.base_url,
+            tmp_path,
+            # Without the gate, three quick attempts would be gone within the outage.
+            "retry.max_attempts=3",
+            "retry.backoff_base_s=0.01",
+            "retry.backoff_max_s=0.05",
+            "retry.outage_threshold=3",
+            "retry.outage_probe_base_s=0.05",
+            "retry.outage_probe_max_s=0.2",
+        )
+        job = asyncio.create_task(run_job(config, stats))
+        await asyncio.sleep(0.15)
+        assert not job.done()
+        await stack.aclose()  # the teacher goes away mid-run
+        await asyncio.sleep(1.0)
+        async with running_simulator(sim_config, port=sim.port):
+            await asyncio.wait_for(job, timeout=30)
+    assert_complete_output(tmp_path)
+    assert sum(stats.failures.values()) == 0
+    assert stats.retries["connection"] > 0
