@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials);
 2 bad configuration, seeds path or output directory (nothing was sent);
-3 the run finished but some items failed (listed in failures.jsonl); 130 interrupted.
+3 the run finished but some items failed (listed in failures.jsonl);
+130/143 stopped by SIGINT/SIGTERM (resumable).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +24,7 @@ from engine.stats import Stats
 
 log = logging.getLogger("engine")
 
-EXIT_OK, EXIT_FATAL, EXIT_CONFIG, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG, EXIT_FAILED_ITEMS = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         if args.command == "validate":
             return _validate(config)
-        return _run(config)
+        return _run(config, fresh=args.fresh, force=args.force)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -59,23 +61,36 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config key; VALUE is TOML (repeatable)",
         )
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "run":
+            sub.add_argument(
+                "--fresh",
+                action="store_true",
+                help="start over: move the existing output directory aside (never deleted)",
+            )
+            sub.add_argument(
+                "--force",
+                action="store_true",
+                help="resume even though the generation settings changed since the output began",
+            )
     return parser
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, *, fresh: bool, force: bool) -> int:
     stats = Stats()
     fatal: list[Exception] = []
+    interrupted: int | None = None
     try:
-        asyncio.run(run_job(config, stats))
+        interrupted = asyncio.run(run_job(config, stats, fresh=fresh, force=force))
     except FatalRunError as err:
         fatal.append(err)
     except BaseExceptionGroup as group:
         fatal.extend(_fatal_leaves(group))
-    except KeyboardInterrupt:
-        log.warning("interrupted: finished units are saved; run the same command to resume")
-        log.info("%s", stats.summary())
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the engine's own signal handling was in place
+        interrupted = 128 + signal.SIGINT
     log.info("%s", stats.summary())
+    if interrupted is not None:
+        log.warning("interrupted: finished units are saved; run the same command to resume")
+        return interrupted
     for cause in fatal:
         log.error("run stopped: %s", cause)
     if fatal:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from pathlib import Path
 
+from engine import manifest
 from engine.checkpoint import load_checkpoint
 from engine.client import HTTPTeacher
 from engine.config import Config
@@ -14,6 +16,7 @@ from engine.flows import build_flows
 from engine.limits import RequestLimiter
 from engine.scheduler import Scheduler
 from engine.seeds import read_seeds
+from engine.shutdown import Shutdown
 from engine.stats import Stats
 from engine.writer import OutputWriter
 
@@ -39,11 +42,21 @@ def check_paths(config: Config) -> None:
         raise ConfigError(problems)
 
 
-async def run_job(config: Config, stats: Stats) -> None:
-    """Generate every unit of ``config`` that the output directory does not already hold."""
-    check_paths(config)
+async def run_job(
+    config: Config, stats: Stats, *, fresh: bool = False, force: bool = False
+) -> int | None:
+    """Generate every unit of ``config`` that the output directory does not already hold.
+
+    ``fresh`` moves existing output aside first; ``force`` adds to output made with other
+    generation settings. Returns the exit code a signal asked for (130/143), or None when
+    the run went to its end.
+    """
     out_dir: Path = config.output.dir
+    if fresh:
+        manifest.move_aside(out_dir)
+    check_paths(config)
     checkpoint = load_checkpoint(out_dir)
+    manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
     if checkpoint.done:
         log.info("resuming: %d units already done in %s", len(checkpoint.done), out_dir)
     limiter = RequestLimiter(config.limits.requests_per_minute, config.limits.max_concurrency)
@@ -53,4 +66,15 @@ async def run_job(config: Config, stats: Stats) -> None:
         flows = build_flows(config, teacher)
         writer = OutputWriter(out_dir, types, checkpoint, stats)
         scheduler = Scheduler([flows[t] for t in types], writer, checkpoint, stats, config.workers)
-        await scheduler.run(read_seeds(config.input.seeds, config.input.max_document_chars))
+        seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
+        shutdown = Shutdown(config.run.grace_s, scheduler.stop)
+        task = asyncio.current_task()
+        assert task is not None
+        with shutdown.installed(task):
+            try:
+                await scheduler.run(seeds)
+            except asyncio.CancelledError:
+                if shutdown.signum is None:
+                    raise
+                task.uncancel()  # our own doing: the writer has committed what finished
+    return shutdown.exit_code

@@ -40,10 +40,19 @@ class Scheduler:
         self.stats = stats
         self.workers = workers
         self.active = 0
+        self.stopping = False
+        self._units: asyncio.Queue[Unit | None] = asyncio.Queue(maxsize=workers)
+
+    def stop(self) -> None:
+        """Take no new units; the ones in flight go on. Units already queued are dropped (they
+        are not done, so a resume runs them)."""
+        self.stopping = True
+        while not self._units.empty():
+            self._units.get_nowait()
 
     async def run(self, seeds: Iterable[SeedRow | Reject]) -> None:
         """Process ``seeds`` to the end. Cancelled, the writer still commits finished units."""
-        units: asyncio.Queue[Unit | None] = asyncio.Queue(maxsize=self.workers)
+        units = self._units
         results: asyncio.Queue[WriterItem | None] = asyncio.Queue(maxsize=self.workers)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.writer.run(results), name="writer")
@@ -64,6 +73,8 @@ class Scheduler:
         results: asyncio.Queue[WriterItem | None],
     ) -> None:
         for item in seeds:
+            if self.stopping:
+                return
             if isinstance(item, Reject):
                 log.warning("seed line %d rejected: %s", item.line_no, item.reason)
                 await results.put(item)
@@ -78,6 +89,8 @@ class Scheduler:
         self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]
     ) -> None:
         while (unit := await units.get()) is not None:
+            if self.stopping:
+                continue
             seed, flow = unit
             self.active += 1
             try:
