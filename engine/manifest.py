@@ -1,0 +1,112 @@
+"""The run manifest: which engine and generation settings produced an output directory.
+
+Resuming into a directory whose units were generated with other settings would mix two
+datasets in one file without a trace, so it is refused unless asked for (``--force``), or
+the old output is moved aside (``--fresh``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine import __version__
+from engine.config import Config
+from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+
+
+def settings_by_type(config: Config) -> dict[str, dict[str, Any]]:
+    """What decides the records of each type: its knobs, the judge, the teacher model."""
+    generation = config.generation
+    shared = {
+        "model": config.teacher.model,
+        "structured_output": config.teacher.structured_output,
+        "judge": generation.judge,
+        "judge_temperature": generation.judge_temperature,
+        "judge_max_tokens": generation.judge_max_tokens,
+    }
+    return {
+        gen_type: {**shared, **getattr(generation, gen_type).model_dump(mode="json")}
+        for gen_type in generation.types
+    }
+
+
+def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: bool) -> None:
+    """Refuse (``ConfigError``) to add to output made with other settings, unless ``force``;
+    then record the current settings."""
+    path = out_dir / MANIFEST_FILE
+    current = settings_by_type(config)
+    previous = _read(path) if has_output else {}
+    changes = _changes(previous.get("settings", {}), current)
+    if changes and not force:
+        raise ConfigError(
+            [
+                f"{out_dir} holds output generated with other settings:",
+                *changes,
+                "run with --fresh to start over (the old output is moved aside), "
+                "or --force to add to it anyway",
+            ]
+        )
+    if changes:
+        log.warning("--force: adding to output made with other settings: %s", "; ".join(changes))
+    merged = {**previous.get("settings", {}), **current}
+    manifest = {
+        "engine_version": __version__,
+        "config_hash": _hash(merged),
+        "settings": merged,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    os.replace(tmp, path)
+
+
+def move_aside(out_dir: Path) -> Path | None:
+    """``--fresh``: rename a non-empty output directory to ``<dir>.old-<time>``; never delete."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    target = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while target.exists():
+        target = target.with_name(f"{target.name}-{suffix}")
+        suffix += 1
+    try:
+        out_dir.rename(target)
+    except OSError as err:
+        raise ConfigError([f"--fresh: cannot move {out_dir} to {target}: {err}"]) from None
+    log.warning("--fresh: previous output moved to %s", target)
+    return target
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except orjson.JSONDecodeError as err:
+        raise ConfigError([f"{path} is damaged ({err}): use --fresh or --force"]) from None
+    return data if isinstance(data, dict) else {}
+
+
+def _changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changes = []
+    for gen_type in sorted(previous.keys() & current.keys()):
+        old, new = previous[gen_type], current[gen_type]
+        for key in sorted(old.keys() | new.keys()):
+            if old.get(key) != new.get(key):
+                changes.append(f"{gen_type}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def _hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
