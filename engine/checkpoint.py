@@ -33,10 +33,28 @@ class Checkpoint:
     """Finished units and the committed length of each output file (relative path → bytes)."""
 
     done: set[tuple[str, str]] = field(default_factory=set)
+    # Done units that lost items (listed in failures.jsonl): what --retry-failed reruns.
+    failed: set[tuple[str, str]] = field(default_factory=set)
     lengths: dict[str, int] = field(default_factory=dict)
 
     def is_done(self, doc_id: str, gen_type: str) -> bool:
         return (doc_id, gen_type) in self.done
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Apply one progress entry: a finished unit, or (without a unit) new file lengths."""
+        self.lengths = entry["lengths"]
+        if "doc_id" not in entry:
+            return
+        unit = (entry["doc_id"], entry["gen_type"])
+        self.done.add(unit)
+        if entry.get("failures"):
+            self.failed.add(unit)
+        else:
+            self.failed.discard(unit)
+
+    def lengths_line(self) -> bytes:
+        """A progress entry that only records file lengths (after a file was rewritten)."""
+        return orjson.dumps({"lengths": self.lengths}) + b"\n"
 
     def progress_line(self, doc_id: str, gen_type: str, records: int, failures: int) -> bytes:
         entry: dict[str, Any] = {
@@ -49,7 +67,10 @@ class Checkpoint:
         return orjson.dumps(entry) + b"\n"
 
     def __repr__(self) -> str:
-        return f"<Checkpoint done={len(self.done)} files={len(self.lengths)}>"
+        return (
+            f"<Checkpoint done={len(self.done)} failed={len(self.failed)} "
+            f"files={len(self.lengths)}>"
+        )
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
@@ -65,8 +86,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
                 if entry is None:
                     log.warning("ignoring a torn line at the end of %s", progress)
                     break
-                checkpoint.done.add((entry["doc_id"], entry["gen_type"]))
-                checkpoint.lengths = entry["lengths"]
+                checkpoint.record(entry)
                 good_end += len(line)
         _truncate(progress, good_end)
     for name in _output_files(out_dir):
@@ -81,7 +101,9 @@ def _parse_progress(line: bytes) -> dict[str, Any] | None:
         entry = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(entry, dict) or not {"doc_id", "gen_type", "lengths"} <= entry.keys():
+    if not isinstance(entry, dict) or not isinstance(entry.get("lengths"), dict):
+        return None
+    if "doc_id" in entry and "gen_type" not in entry:
         return None
     return entry
 
@@ -101,3 +123,18 @@ def _truncate(path: Path, length: int) -> None:
         with path.open("r+b") as f:
             f.truncate(length)
             os.fsync(f.fileno())
+
+
+def record_ids(out_dir: Path, units: set[tuple[str, str]]) -> set[str]:
+    """Ids of the records already written for ``units`` (one pass over their types' files)."""
+    ids: set[str] = set()
+    for gen_type in {gen_type for _doc, gen_type in units}:
+        path = out_dir / gen_name(gen_type)
+        if not path.exists():
+            continue
+        with path.open("rb") as f:
+            for line in f:
+                record = orjson.loads(line)
+                if (record["doc_id"], gen_type) in units:
+                    ids.add(record["id"])
+    return ids

@@ -37,7 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         if args.command == "validate":
             return _validate(config)
-        return _run(config, fresh=args.fresh, force=args.force)
+        options = {
+            "fresh": args.fresh,
+            "force": args.force,
+            "cache": not args.no_cache,
+            "retry_failed": args.retry_failed,
+        }
+        return _run(config, options)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -72,15 +78,26 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="resume even though the generation settings changed since the output began",
             )
+            sub.add_argument(
+                "--retry-failed",
+                action="store_true",
+                help="run again only the units with items in failures.jsonl",
+            )
+            sub.add_argument(
+                "--no-cache",
+                action="store_true",
+                help="ask the teacher again even for requests it has answered before "
+                "(the response cache is neither read nor written)",
+            )
     return parser
 
 
-def _run(config: Config, *, fresh: bool, force: bool) -> int:
+def _run(config: Config, options: dict[str, bool]) -> int:
     stats = Stats()
     fatal: list[Exception] = []
     interrupted: int | None = None
     try:
-        interrupted = asyncio.run(run_job(config, stats, fresh=fresh, force=force))
+        interrupted = asyncio.run(run_job(config, stats, **options))
     except FatalRunError as err:
         fatal.append(err)
     except BaseExceptionGroup as group:

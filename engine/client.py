@@ -16,6 +16,7 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
+from engine.cache import ResponseCache, canonical_body, request_key
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import (
     AuthError,
@@ -48,6 +49,8 @@ class HTTPTeacher:
     """Sends chat requests through ``limiter``, retrying transient failures with back-off.
 
     Use as ``async with HTTPTeacher(...) as teacher:``; one session is shared by all requests.
+    With a ``cache``, a request answered before is answered from it: nothing is sent, and no
+    rate budget or concurrency slot is used.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class HTTPTeacher:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.model = teacher.model
         self.base_url = teacher.base_url
@@ -69,6 +73,7 @@ class HTTPTeacher:
         self._stats = stats
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
+        self._cache = cache
         self._session: aiohttp.ClientSession | None = None
         self._gate = OutageGate(
             teacher.base_url,
@@ -109,12 +114,17 @@ class HTTPTeacher:
         ``retry.max_attempts``. Raises ``RequestRejected`` (other 4xx), ``RetriesExhausted``
         (attempts used up), ``AuthError`` (401/403) or ``EndpointDown`` (both fatal for the run).
         """
-        body = orjson.dumps(request.payload(self.model))
+        body = canonical_body(request.payload(self.model))
+        # Looked up before the limiter and the outage gate: a hit spends neither.
+        key = request_key(body) if self._cache is not None else None
+        if key is not None and (cached := self._cached(key)) is not None:
+            return cached
         max_attempts = self._retry.max_attempts
         attempt = 0
+        token = object()  # this request, to the outage gate, across its attempts
         while True:
             try:
-                return await self._attempt(body)
+                return await self._attempt(body, key, token)
             except ItemError as err:
                 err.attempts = attempt + 1
                 raise
@@ -131,6 +141,10 @@ class HTTPTeacher:
                         attempts=attempt,
                     ) from err
                 await self._wait(attempt, err, request.stage)
+
+    def forget(self, request: ChatRequest) -> None:
+        if self._cache is not None:
+            self._cache.discard(request_key(canonical_body(request.payload(self.model))))
 
     async def _wait(self, attempt: int, err: RetryableError, stage: str) -> None:
         # Outside the limiter's slot: a request backing off must not hold concurrency.
@@ -155,11 +169,23 @@ class HTTPTeacher:
         )
         await self._sleep(delay)
 
-    async def _attempt(self, body: bytes) -> ChatReply:
+    def _cached(self, key: bytes) -> ChatReply | None:
+        """The stored reply for ``key``, if any; its tokens were counted when it was received."""
+        raw = self._cache.get(key) if self._cache is not None else None
+        if raw is None:
+            return None
+        try:
+            reply = self._parse(raw)
+        except MalformedResponse:
+            return None  # stored by a parser that accepted more: ask again, and store anew
+        self._stats.cached += 1
+        return reply
+
+    async def _attempt(self, body: bytes, key: bytes | None, token: object) -> ChatReply:
         """One request in a limiter slot: the reply, or the engine error saying what went wrong."""
         # The gate is passed inside the slot: requests queued for a slot when the endpoint
         # went down must not all go out once they get one.
-        async with self._limiter.slot(), self._gate.passage() as passage:
+        async with self._limiter.slot(), self._gate.passage(token) as passage:
             self._stats.requests_sent += 1
             try:
                 status, headers, raw = await self._post(body)
@@ -168,7 +194,10 @@ class HTTPTeacher:
                 raise
             gone = status in _GATEWAY_STATUSES
             passage.outcome = Outcome.UNREACHABLE if gone else Outcome.ANSWERED
-        return self._reply(status, headers, raw)
+        reply = self._reply(status, headers, raw)
+        if key is not None and self._cache is not None:
+            self._cache.put(key, raw)  # only a valid chat completion gets here
+        return reply
 
     async def _post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """The HTTP exchange itself; aiohttp's exceptions end here."""

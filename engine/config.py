@@ -42,6 +42,8 @@ class InputConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Path("output/step_03")
+    # The response cache (SQLite); "" = <dir>/cache.sqlite.
+    cache: str = ""
 
 
 class TeacherConfig(_Section):

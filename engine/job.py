@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
 
 from engine import manifest
+from engine.cache import CACHE_FILE, ResponseCache
 from engine.checkpoint import load_checkpoint
 from engine.client import HTTPTeacher
 from engine.config import Config
@@ -42,14 +44,27 @@ def check_paths(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def cache_path(config: Config) -> Path:
+    """Where the response cache lives: ``output.cache``, or ``cache.sqlite`` in the output."""
+    return Path(config.output.cache) if config.output.cache else config.output.dir / CACHE_FILE
+
+
 async def run_job(
-    config: Config, stats: Stats, *, fresh: bool = False, force: bool = False
+    config: Config,
+    stats: Stats,
+    *,
+    fresh: bool = False,
+    force: bool = False,
+    cache: bool = True,
+    retry_failed: bool = False,
 ) -> int | None:
     """Generate every unit of ``config`` that the output directory does not already hold.
 
     ``fresh`` moves existing output aside first; ``force`` adds to output made with other
-    generation settings. Returns the exit code a signal asked for (130/143), or None when
-    the run went to its end.
+    generation settings; ``cache=False`` neither reads nor writes the response cache;
+    ``retry_failed`` runs only the units with items in failures.jsonl, adding the records they
+    lack. Returns the exit code a signal asked for (130/143), or None when the run went to
+    its end.
     """
     out_dir: Path = config.output.dir
     if fresh:
@@ -57,24 +72,35 @@ async def run_job(
     check_paths(config)
     checkpoint = load_checkpoint(out_dir)
     manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
-    if checkpoint.done:
+    types = list(config.generation.types)
+    only = {unit for unit in checkpoint.failed if unit[1] in types} if retry_failed else None
+    if only is not None:
+        log.info("--retry-failed: %d units with failed items to run again", len(only))
+        if not only:
+            return None
+    elif checkpoint.done:
         log.info("resuming: %d units already done in %s", len(checkpoint.done), out_dir)
     limiter = RequestLimiter(config.limits.requests_per_minute, config.limits.max_concurrency)
-    types = list(config.generation.types)
-    async with HTTPTeacher(config.teacher, config.retry, limiter, stats) as teacher:
-        log.info("teacher %r, %r", teacher, limiter)
-        flows = build_flows(config, teacher)
-        writer = OutputWriter(out_dir, types, checkpoint, stats)
-        scheduler = Scheduler([flows[t] for t in types], writer, checkpoint, stats, config.workers)
-        seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
-        shutdown = Shutdown(config.run.grace_s, scheduler.stop)
-        task = asyncio.current_task()
-        assert task is not None
-        with shutdown.installed(task):
-            try:
-                await scheduler.run(seeds)
-            except asyncio.CancelledError:
-                if shutdown.signum is None:
-                    raise
-                task.uncancel()  # our own doing: the writer has committed what finished
+    replies = ResponseCache.open(cache_path(config)) if cache else None
+    with replies if replies is not None else contextlib.nullcontext():
+        async with HTTPTeacher(
+            config.teacher, config.retry, limiter, stats, cache=replies
+        ) as teacher:
+            log.info("teacher %r, %r, %r", teacher, limiter, replies)
+            flows = build_flows(config, teacher)
+            writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=only or set())
+            scheduler = Scheduler(
+                [flows[t] for t in types], writer, checkpoint, stats, config.workers, only=only
+            )
+            seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
+            shutdown = Shutdown(config.run.grace_s, scheduler.stop)
+            task = asyncio.current_task()
+            assert task is not None
+            with shutdown.installed(task):
+                try:
+                    await scheduler.run(seeds)
+                except asyncio.CancelledError:
+                    if shutdown.signum is None:
+                        raise
+                    task.uncancel()  # our own doing: the writer has committed what finished
     return shutdown.exit_code

@@ -1,13 +1,15 @@
 """Endpoint outages: stop dispatching while the teacher is down, probe it, resume by itself.
 
 Without this, a ten-minute outage burns every in-flight item's retry budget in its first
-minute and the night's run ends with thousands of failed items. A streak of failures that
-say "the server is not there" (connection refused or reset, timeouts, 502/503/504) across
-requests closes the gate; from then on a single request at a time goes out as a probe, with
-growing pauses between probes; all others wait. The first probe that gets any HTTP answer
-opens the gate again. Attempts that fail while the gate is closed do not count against an
-item's retry budget. If the endpoint stays away longer than ``give_up_s``, every waiting
-request gets ``EndpointDown`` and the run stops, resumable.
+minute and the night's run ends with thousands of failed items. Failures that say "the
+server is not there" (connection refused or reset, timeouts, 502/503/504) from ``threshold``
+different requests in a row close the gate (one request failing again and again is that
+request's problem: it uses up its own attempts and is recorded as failed). From then on a
+single request at a time goes out as a probe, with growing pauses between probes; all
+others wait. The first probe that gets any HTTP answer opens the gate again. Attempts that
+fail while the gate is closed do not count against an item's retry budget. If the endpoint
+stays away longer than ``give_up_s``, every waiting request gets ``EndpointDown`` and the
+run stops, resumable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Outcome(Enum):
 class Passage:
     """One attempt through the gate; the caller sets ``outcome`` once it knows it."""
 
+    request: object
     probe: bool
     outcome: Outcome | None = None
 
@@ -52,7 +55,8 @@ class OutageGate:
         self.probe_base_s = probe_base_s
         self.probe_max_s = probe_max_s
         self.give_up_s = give_up_s
-        self.streak = 0  # consecutive UNREACHABLE outcomes, across all requests
+        # Requests whose latest attempt was UNREACHABLE since the last answer from the server.
+        self._failing: set[object] = set()
         self.down_since: float | None = None
         self.outages = 0
         self._failed_probes = 0
@@ -60,13 +64,19 @@ class OutageGate:
         self._probe_turn = asyncio.Lock()
 
     @property
+    def streak(self) -> int:
+        """Different requests that failed as if the server were gone, since its last answer."""
+        return len(self._failing)
+
+    @property
     def down(self) -> bool:
         return self.down_since is not None
 
     @asynccontextmanager
-    async def passage(self) -> AsyncIterator[Passage]:
-        """Wait until a request may go out; settle the gate with the attempt's outcome."""
-        passage = Passage(probe=await self._admit())
+    async def passage(self, request: object) -> AsyncIterator[Passage]:
+        """Wait until an attempt of ``request`` (any object that identifies it across its
+        attempts) may go out; settle the gate with the attempt's outcome."""
+        passage = Passage(request, probe=await self._admit())
         try:
             yield passage
         finally:
@@ -97,12 +107,12 @@ class OutageGate:
             if passage.probe or not self.down:
                 self._answered()
         elif passage.outcome is Outcome.UNREACHABLE:
-            self._unreachable(passage.probe)
+            self._unreachable(passage)
         if passage.probe:
             self._probe_turn.release()
 
     def _answered(self) -> None:
-        self.streak = 0
+        self._failing.clear()
         if self.down_since is not None:
             log.warning(
                 "teacher at %s answers again after %.0f s: resuming dispatch",
@@ -112,19 +122,19 @@ class OutageGate:
             self.down_since = None
             self._failed_probes = 0
 
-    def _unreachable(self, probe: bool) -> None:
-        self.streak += 1
+    def _unreachable(self, passage: Passage) -> None:
+        self._failing.add(passage.request)
         if self.down_since is None and self.streak >= self.threshold:
             self.down_since = _now()
             self.outages += 1
             self._next_probe_at = self.down_since + self.probe_base_s
             log.warning(
-                "teacher at %s looks down (%d failures in a row): pausing dispatch, "
+                "teacher at %s looks down (%d requests failed in a row): pausing dispatch, "
                 "probing it one request at a time",
                 self.endpoint,
                 self.streak,
             )
-        elif probe:
+        elif passage.probe:
             self._failed_probes += 1
             pause = min(self.probe_max_s, self.probe_base_s * 2**self._failed_probes)
             self._next_probe_at = _now() + pause

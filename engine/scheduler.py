@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from engine.checkpoint import Checkpoint
 from engine.flows.base import Flow
@@ -33,7 +34,10 @@ class Scheduler:
         checkpoint: Checkpoint,
         stats: Stats,
         workers: int,
+        only: AbstractSet[tuple[str, str]] | None = None,
     ) -> None:
+        """``only``: run just these units (``--retry-failed``), whether done or not."""
+        self.only = only
         self.flows = flows
         self.writer = writer
         self.checkpoint = checkpoint
@@ -80,10 +84,15 @@ class Scheduler:
                 await results.put(item)
                 continue
             for flow in self.flows:
-                if self.checkpoint.is_done(item.doc_id, flow.gen_type):
-                    self.stats.units_skipped[flow.gen_type] += 1
-                else:
+                if self._wanted(item.doc_id, flow.gen_type):
                     await units.put((item, flow))
+                else:
+                    self.stats.units_skipped[flow.gen_type] += 1
+
+    def _wanted(self, doc_id: str, gen_type: str) -> bool:
+        if self.only is not None:
+            return (doc_id, gen_type) in self.only
+        return not self.checkpoint.is_done(doc_id, gen_type)
 
     async def _work(
         self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]

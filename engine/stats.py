@@ -13,6 +13,8 @@ class Stats:
 
     started: float = field(default_factory=time.monotonic)
     requests_sent: int = 0
+    # Replies taken from the response cache: no request sent, no tokens spent.
+    cached: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: Counter[str] = field(default_factory=Counter)
@@ -34,6 +36,7 @@ class Stats:
             f"records {sum(self.records.values())}, failed items {sum(self.failures.values())}, "
             f"judged out {sum(self.judged_out.values())}, rejected rows {self.rejects}, "
             f"requests {self.requests_sent} (retries {sum(self.retries.values())}), "
+            f"from cache {self.cached}, "
             f"tokens in/out {self.prompt_tokens}/{self.completion_tokens}, "
             f"{self.elapsed():.1f}s"
         )

@@ -74,3 +74,7 @@ class Teacher(Protocol):
         and ``FatalRunError`` when the whole run must stop.
         """
         ...
+
+    def forget(self, request: ChatRequest) -> None:
+        """The reply to ``request`` did not validate: do not serve it again from a cache."""
+        ...

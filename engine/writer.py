@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -23,6 +24,7 @@ from engine.checkpoint import (
     REJECTS_FILE,
     Checkpoint,
     gen_name,
+    record_ids,
 )
 from engine.flows.base import Failure, UnitResult
 from engine.seeds import Reject, SeedRow
@@ -45,15 +47,25 @@ class OutputWriter:
     """Owns ``<out_dir>``: gen files per type, failures, rejects and progress."""
 
     def __init__(
-        self, out_dir: Path, gen_types: Sequence[str], checkpoint: Checkpoint, stats: Stats
+        self,
+        out_dir: Path,
+        gen_types: Sequence[str],
+        checkpoint: Checkpoint,
+        stats: Stats,
+        retrying: AbstractSet[tuple[str, str]] = frozenset(),
     ) -> None:
+        """``retrying``: done units that are run again for their failed items; only their
+        records not yet written are added, and their old failure lines are dropped."""
         self.out_dir = out_dir
         self.checkpoint = checkpoint
         self.stats = stats
         self._files: dict[str, IO[bytes]] = {}
+        self._progress = self._open(PROGRESS_FILE)
+        self._written_ids = record_ids(out_dir, set(retrying)) if retrying else set()
+        if retrying:
+            self._drop_failures_of(retrying)
         for gen_type in gen_types:  # every type gets its file, even if no unit succeeds
             self._append(gen_name(gen_type), ())
-        self._progress = self._open(PROGRESS_FILE)
         # Rejects are recomputed from the seeds on every run, so the file starts afresh.
         self._rejects = (out_dir / REJECTS_FILE).open("wb")
 
@@ -92,18 +104,19 @@ class OutputWriter:
             self.stats.rejects += 1
             return b""
         result = item.result
-        self._append(gen_name(item.gen_type), (orjson.dumps(rec) + b"\n" for rec in result.records))
+        records = [r for r in result.records if r["id"] not in self._written_ids]
+        self._append(gen_name(item.gen_type), (orjson.dumps(rec) + b"\n" for rec in records))
         if result.failures:
             lines = (_failure_line(item.seed, item.gen_type, f) for f in result.failures)
             self._append(FAILURES_FILE, lines)
         self.checkpoint.done.add((item.seed.doc_id, item.gen_type))
         self.stats.units_done[item.gen_type] += 1
-        self.stats.records[item.gen_type] += len(result.records)
+        self.stats.records[item.gen_type] += len(records)
         self.stats.judged_out[item.gen_type] += result.judged_out
         for failure in result.failures:
             self.stats.failures[failure.kind] += 1
         return self.checkpoint.progress_line(
-            item.seed.doc_id, item.gen_type, len(result.records), len(result.failures)
+            item.seed.doc_id, item.gen_type, len(records), len(result.failures)
         )
 
     def _append(self, name: str, lines: Iterable[bytes]) -> None:
@@ -121,6 +134,26 @@ class OutputWriter:
             self._progress.write(progress)
             self._progress.flush()
             os.fsync(self._progress.fileno())
+
+    def _drop_failures_of(self, units: AbstractSet[tuple[str, str]]) -> None:
+        """Rewrite failures.jsonl without the lines of ``units`` (atomically), and record its
+        new length before anything is appended to it."""
+        path = self.out_dir / FAILURES_FILE
+        if not path.exists():
+            return
+        tmp = path.with_suffix(".tmp")
+        with path.open("rb") as old, tmp.open("wb") as new:
+            for line in old:
+                entry = orjson.loads(line)
+                if (entry["doc_id"], entry["gen_type"]) not in units:
+                    new.write(line)
+            new.flush()
+            os.fsync(new.fileno())
+            self.checkpoint.lengths[FAILURES_FILE] = new.tell()
+        os.replace(tmp, path)
+        self._progress.write(self.checkpoint.lengths_line())
+        self._progress.flush()
+        os.fsync(self._progress.fileno())
 
     def _open(self, name: str) -> IO[bytes]:
         path = self.out_dir / name

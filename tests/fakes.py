@@ -89,6 +89,7 @@ class FakeTeacher:
         self.script = script
         self.model = model
         self.requests: list[ChatRequest] = []
+        self.forgotten: list[ChatRequest] = []
 
     async def complete(self, request: ChatRequest) -> ChatReply:
         self.requests.append(request)
@@ -99,6 +100,9 @@ class FakeTeacher:
             result = self.auto_reply(request)
         assert isinstance(result, ChatReply)
         return result
+
+    def forget(self, request: ChatRequest) -> None:
+        self.forgotten.append(request)
 
     def auto_reply(self, request: ChatRequest) -> ChatReply:
         """One schema instance per asked choice, unique to this request."""

@@ -234,6 +234,10 @@ async def test_invalid_reply_is_retried_then_recorded_with_attempts() -> None:
     assert len(retried) == 3
     assert "rejected" not in last_user_text(retried[0])
     assert all("rejected" in last_user_text(r) for r in retried[1:])
+    # Every re-ask differs (a cache or a deterministic server would repeat the same reply),
+    # and no reply that failed is left in a cache for a rerun to replay.
+    assert len({last_user_text(r) for r in retried}) == 3
+    assert teacher.forgotten == retried
 
 
 async def test_invalid_reply_attempts_follow_the_config() -> None:

@@ -152,17 +152,18 @@ def test_gateway_errors_count_as_an_outage_but_500_does_not() -> None:
     assert teacher._gate.outages == 0
 
 
-def test_a_short_streak_below_the_threshold_uses_the_items_own_budget() -> None:
+def test_one_request_failing_alone_uses_its_own_budget_and_is_not_an_outage() -> None:
+    # More attempts than the threshold: only *different* requests failing make an outage.
     endpoint = FakeEndpoint(lambda now: True)
-    teacher, _ = make_teacher(endpoint, outage_threshold=10, max_attempts=3)
+    teacher, _ = make_teacher(endpoint, outage_threshold=5, max_attempts=6)
 
     async def one() -> None:
         with pytest.raises(RetriesExhausted) as caught:
             await teacher.complete(REQUEST)
-        assert caught.value.attempts == 3
+        assert caught.value.attempts == 6
 
     run_virtual(one())
-    assert endpoint.attempts == 3 and not teacher._gate.down
+    assert endpoint.attempts == 6 and not teacher._gate.down
 
 
 async def test_the_teacher_going_away_mid_run_loses_nothing(tmp_path: Path) -> None:

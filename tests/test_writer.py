@@ -132,3 +132,36 @@ async def test_rejects_are_recomputed_each_run(tmp_path: Path) -> None:
     await write_all(tmp_path, [Reject(1, "blank line", "")])
     await write_all(tmp_path, [Reject(1, "blank line", "")])
     assert len(lines(tmp_path / "rejects.jsonl")) == 1
+
+
+async def test_retrying_a_unit_adds_only_missing_records_and_replaces_its_failures(
+    tmp_path: Path,
+) -> None:
+    first = unit("doc a", "extractive_summary", 2, failures=1)
+    other = unit("doc b", "extractive_summary", 1, failures=1)
+    await write_all(tmp_path, [first, other])
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint.failed == {
+        (first.seed.doc_id, first.gen_type),
+        (other.seed.doc_id, first.gen_type),
+    }
+
+    # Rerun doc a: its two records come again (same ids) plus the one that failed before.
+    retried = unit("doc a", "extractive_summary", 3)
+    stats = Stats()
+    writer = OutputWriter(
+        tmp_path, TYPES, checkpoint, stats, retrying={(first.seed.doc_id, first.gen_type)}
+    )
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    for item in (retried, None):
+        queue.put_nowait(item)
+    await writer.run(queue)
+
+    ids = [r["id"] for r in lines(tmp_path / "extractive_summary/gen.jsonl")]
+    assert len(ids) == len(set(ids)) == 4
+    assert stats.records == {"extractive_summary": 1}
+    # doc a's old failure line is gone; doc b's stays.
+    assert [f["doc_id"] for f in lines(tmp_path / "failures.jsonl")] == [other.seed.doc_id]
+    resumed = load_checkpoint(tmp_path)
+    assert resumed.failed == {(other.seed.doc_id, "extractive_summary")}
+    assert (tmp_path / "failures.jsonl").stat().st_size == resumed.lengths["failures.jsonl"]

@@ -144,12 +144,16 @@ class Asker:
         problem: InvalidReply | None = None
         bad_rounds = 0
         while True:
-            request = self.request(ask, len(missing), _note(missing[0], total, problem))
+            note = _note(missing[0], total, problem, bad_rounds)
+            request = self.request(ask, len(missing), note)
             try:
                 reply = await self.teacher.complete(request)
             except ItemError as err:
                 return Lost(tuple(missing), err)
             round_problem = self._take(ask, reply, missing, on_item, check)
+            if round_problem is not None:
+                # Not to be replayed by a response cache: a rerun must ask afresh.
+                self.teacher.forget(request)
             if not missing:
                 return None
             if round_problem is None:
@@ -197,7 +201,7 @@ def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
     return value
 
 
-def _note(slot: int, total: int, problem: InvalidReply | None) -> str:
+def _note(slot: int, total: int, problem: InvalidReply | None, bad_rounds: int) -> str:
     """Set apart the requests of one stage that would otherwise be identical.
 
     A server that is deterministic for a given prompt (greedy decoding, a seeded or simulated
@@ -208,5 +212,5 @@ def _note(slot: int, total: int, problem: InvalidReply | None) -> str:
         parts.append(f"(Variant {slot + 1} of {total}.)")
     if problem is not None:
         reason = str(problem)[:NOTE_REASON_CHARS]
-        parts.append(f"(An earlier answer to this request was rejected: {reason}.)")
+        parts.append(f"(Try {bad_rounds + 1}: an earlier answer was rejected: {reason}.)")
     return " ".join(parts)
