@@ -1,0 +1,86 @@
+"""Bad seed rows next to good ones: each is rejected with its line and reason, nothing else
+is lost; unusable paths stop the run before any request with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from engine.job import run_job
+from engine.simulator import SimulatorConfig, running_simulator
+from engine.stats import Stats
+from tests.test_e2e import REPO, SAMPLE_SEEDS, assert_complete_output, config_for
+
+GOOD = SAMPLE_SEEDS.read_bytes().splitlines()
+
+
+def bad_seed_file(path: Path) -> dict[int, str]:
+    """The sample's good rows with every kind of bad row between them; returns the expected
+    reject reasons (a fragment of each) by line number."""
+    first = orjson.loads(GOOD[0])
+    lines: list[bytes] = [b"\xef\xbb\xbf" + GOOD[0]]  # a BOM does not cost the first row
+    expected: dict[int, str] = {}
+
+    def bad(line: bytes, reason: str) -> None:
+        lines.append(line)
+        expected[len(lines)] = reason
+
+    bad(b'{"document": "unterminated', "invalid JSON")
+    bad(b'{"document": "caf\xe9 latin-1"}', "not UTF-8")
+    bad(b"   ", "blank line")
+    bad(b'["a", "list"]', "expected a JSON object")
+    bad(orjson.dumps({k: v for k, v in first.items() if k != "domain"}), "missing field(s): domain")
+    bad(orjson.dumps({**first, "icl_query_2": 7}), "not a string: icl_query_2")
+    bad(orjson.dumps({**first, "document": "  "}), "empty field(s): document")
+    bad(orjson.dumps({**first, "document": "x" * 70_000}), "document too long")
+    lines.append(GOOD[1])
+    bad(GOOD[0], "duplicate document (same as line 1)")
+    lines.append(GOOD[2])
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+async def test_every_bad_row_is_rejected_and_the_good_rows_complete(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    expected = bad_seed_file(seeds)
+    out = tmp_path / "out"
+    stats = Stats()
+    async with running_simulator(SimulatorConfig()) as sim:
+        await run_job(config_for(sim.base_url, out, f'input.seeds="{seeds}"'), stats)
+    rejects = [orjson.loads(line) for line in (out / "rejects.jsonl").read_bytes().splitlines()]
+    assert [r["line"] for r in rejects] == sorted(expected)
+    for reject in rejects:
+        assert expected[reject["line"]] in reject["reason"], reject
+    assert stats.rejects == len(expected)
+    assert f"rejected rows {len(expected)}" in stats.summary()
+    assert_complete_output(out)  # all three good rows, every type, nothing else
+
+
+def run_cli(cwd: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+    # Nothing listens there: any request would fail, so exit 2 proves none was needed.
+    env |= {"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"}
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "run", str(REPO / "config/default.toml"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_missing_seed_file_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    done = run_cli(tmp_path, 'input.seeds="nowhere.jsonl"', f'output.dir="{tmp_path / "o"}"')
+    assert done.returncode == 2
+    assert "input.seeds: no such file: nowhere.jsonl" in done.stderr
+
+
+def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    seeds = f'input.seeds="{SAMPLE_SEEDS}"'
+    done = run_cli(tmp_path, seeds, f'output.dir="{blocker / "out"}"')
+    assert done.returncode == 2
+    assert "output.dir: cannot write to" in done.stderr
