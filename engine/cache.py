@@ -20,13 +20,14 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import orjson
+
+from engine.aside import aside_name
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +218,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _move_aside(path: Path) -> None:
     """Rename the database and its WAL side files to ``<name>.corrupt-<time>``; never delete."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     for suffix in ("", "-wal", "-shm"):
         source = path.with_name(path.name + suffix)
-        target = source.with_name(f"{source.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            target = source.with_name(f"{source.name}.corrupt-{stamp}-{n}")
-            n += 1
+        target = aside_name(source, "corrupt")
         try:
             source.rename(target)
         except FileNotFoundError:

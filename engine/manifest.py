@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from engine import __version__
+from engine.aside import aside_name
 from engine.config import Config
 from engine.errors import ConfigError
 
@@ -75,11 +76,7 @@ def move_aside(out_dir: Path) -> Path | None:
     """``--fresh``: rename a non-empty output directory to ``<dir>.old-<time>``; never delete."""
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return None
-    target = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 1
-    while target.exists():
-        target = target.with_name(f"{target.name}-{suffix}")
-        suffix += 1
+    target = aside_name(out_dir, "old")
     try:
         out_dir.rename(target)
     except OSError as err:
