@@ -11,13 +11,18 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
 from engine.config import Config, load_config
+from engine.job import run_job
+from engine.simulator import RequestLog, SimulatorConfig, running_simulator
+from engine.stats import Stats
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = REPO / "config" / "default.toml"
@@ -44,6 +49,30 @@ def build_config(base_url: str, out: Path, seeds: Path, overrides: Sequence[str]
     base = [f'output.dir="{out}"', f'input.seeds="{seeds}"']
     env = {"TEACHER_MODEL_BASE_URL": base_url, "TEACHER_MODEL_NAME": MODEL}
     return load_config(DEFAULT_TOML, [*base, *overrides], environ=env, dotenv_path=out)
+
+
+@dataclass(frozen=True, slots=True)
+class TimedRun:
+    start: float  # time.monotonic(), the clock of the server's request log
+    end: float
+    stats: Stats
+    requests: list[RequestLog]  # as the server saw them
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+async def timed_run(sim_config: SimulatorConfig, docs: int, overrides: Sequence[str]) -> TimedRun:
+    """One uncached run over ``docs`` generated seeds against an in-process simulator."""
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = write_seeds(Path(tmp) / "seeds.jsonl", docs)
+        async with running_simulator(sim_config) as sim:
+            config = build_config(sim.base_url, Path(tmp) / "out", seeds, overrides)
+            stats = Stats()
+            start = time.monotonic()
+            await run_job(config, stats, cache=False)
+            return TimedRun(start, time.monotonic(), stats, list(sim.state.requests))
 
 
 def free_port() -> int:

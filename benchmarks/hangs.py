@@ -19,17 +19,13 @@ import argparse
 import asyncio
 import hashlib
 import logging
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from benchmarks.common import build_config, machine, verdict, write_seeds
-from engine.job import run_job
-from engine.simulator import FaultHook, SimulatorConfig, running_simulator
+from benchmarks.common import machine, timed_run, verdict
+from engine.simulator import FaultHook, SimulatorConfig
 from engine.stats import Stats
 
 TARGET = 1.15
@@ -73,14 +69,8 @@ async def _one(args: argparse.Namespace, hangs: bool) -> tuple[float, Stats, int
     hung: list[str] = []
     fault = hang_hook(args.timeout * 2, args.every, hung) if hangs else None
     sim_config = SimulatorConfig(latency_mean_s=args.latency, fault=fault)
-    with tempfile.TemporaryDirectory() as tmp:
-        seeds = write_seeds(Path(tmp) / "seeds.jsonl", args.docs)
-        async with running_simulator(sim_config) as sim:
-            config = build_config(sim.base_url, Path(tmp) / "out", seeds, overrides)
-            stats = Stats()
-            start = time.monotonic()
-            await run_job(config, stats, cache=False)
-            return time.monotonic() - start, stats, len(hung)
+    run = await timed_run(sim_config, args.docs, overrides)
+    return run.seconds, run.stats, len(hung)
 
 
 async def _run(args: argparse.Namespace) -> None:

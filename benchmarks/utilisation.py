@@ -11,14 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import tempfile
-import time
-from pathlib import Path
 
-from benchmarks.common import NO_RPM_CAP, build_config, machine, verdict, write_seeds
-from engine.job import run_job
-from engine.simulator import RequestLog, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from benchmarks.common import NO_RPM_CAP, machine, timed_run, verdict
+from engine.simulator import RequestLog, SimulatorConfig
 
 TARGET = 0.95
 
@@ -61,15 +56,8 @@ async def _run(args: argparse.Namespace) -> None:
     sim_config = SimulatorConfig(
         latency_mean_s=args.latency_mean, latency_sigma=args.latency_sigma, seed=1
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        seeds = write_seeds(Path(tmp) / "seeds.jsonl", args.docs)
-        async with running_simulator(sim_config) as sim:
-            config = build_config(sim.base_url, Path(tmp) / "out", seeds, overrides)
-            stats = Stats()
-            start = time.monotonic()
-            await run_job(config, stats, cache=False)
-            end = time.monotonic()
-            logs = list(sim.state.requests)
+    run = await timed_run(sim_config, args.docs, overrides)
+    stats, logs, start, end = run.stats, run.requests, run.start, run.end
     busy = sum((r.finish or end) - r.arrival for r in logs)
     wall = end - start
     served = logs[-1].finish or end
