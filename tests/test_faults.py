@@ -153,6 +153,16 @@ def assert_types_complete(out: Path, *gen_types: str) -> None:
         assert len({r["id"] for r in records}) == len(records), gen_type
 
 
+def assert_recovered(run: Run, out: Path, retries: Counter[str]) -> None:
+    """Transient faults only: each cost one retry, counted by reason on both sides, and the
+    output is complete with nothing failed."""
+    assert run.stats.retries == retries
+    assert run.stats.requests_sent == run.server.total_requests == TOTAL + retries.total()
+    assert sum(run.stats.failures.values()) == 0
+    assert_one_clean_retry_each(run)
+    assert_complete_output(out)
+
+
 def assert_one_clean_retry_each(run: Run) -> None:
     """Every faulted request came back exactly once more, and that attempt was answered."""
     for seen, _status in run.injector.injected:
@@ -191,15 +201,11 @@ async def test_429_with_retry_after_ms_is_waited_out(tmp_path: Path) -> None:
     run = await faulted_run(tmp_path, plan)
     injected = faulted_count(5)
     assert run.injector.statuses() == {429: injected}
-    assert run.stats.retries == Counter({"429": injected})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + injected
-    assert sum(run.stats.failures.values()) == 0
-    assert_one_clean_retry_each(run)
+    assert_recovered(run, tmp_path, Counter({"429": injected}))
     for seen, _status in run.injector.injected:
         first, again = run.injector.attempts(seen.key)
         # 1 ms of slack for timer granularity; the back-off alone would be <= 10 ms.
         assert again.arrival - first.arrival >= delay_ms / 1000 - 0.001
-    assert_complete_output(tmp_path)
 
 
 async def test_429_with_only_an_openai_error_body_is_retried(tmp_path: Path) -> None:
@@ -214,11 +220,7 @@ async def test_429_with_only_an_openai_error_body_is_retried(tmp_path: Path) -> 
     )
     run = await faulted_run(tmp_path, plan)
     injected = faulted_count(3)
-    assert run.stats.retries == Counter({"429": injected})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + injected
-    assert sum(run.stats.failures.values()) == 0
-    assert_one_clean_retry_each(run)
-    assert_complete_output(tmp_path)
+    assert_recovered(run, tmp_path, Counter({"429": injected}))
 
 
 async def test_5xx_on_every_first_attempt_is_retried_by_status(tmp_path: Path) -> None:
@@ -230,11 +232,7 @@ async def test_5xx_on_every_first_attempt_is_retried_by_status(tmp_path: Path) -
     per_status = TOTAL // 3
     assert TOTAL % 3 == 0
     assert run.injector.statuses() == dict.fromkeys(statuses, per_status)
-    assert run.stats.retries == Counter({str(s): per_status for s in statuses})
-    assert run.stats.requests_sent == run.server.total_requests == 2 * TOTAL
-    assert sum(run.stats.failures.values()) == 0
-    assert_one_clean_retry_each(run)
-    assert_complete_output(tmp_path)
+    assert_recovered(run, tmp_path, Counter({str(s): per_status for s in statuses}))
 
 
 @pytest.mark.parametrize(
@@ -246,11 +244,7 @@ async def test_connection_reset_is_retried(tmp_path: Path, partial: bytes) -> No
     run = await faulted_run(tmp_path, plan)
     injected = faulted_count(4)
     assert run.injector.statuses() == {0: injected}
-    assert run.stats.retries == Counter({"connection": injected})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + injected
-    assert sum(run.stats.failures.values()) == 0
-    assert_one_clean_retry_each(run)
-    assert_complete_output(tmp_path)
+    assert_recovered(run, tmp_path, Counter({"connection": injected}))
 
 
 MALFORMED = {
@@ -267,11 +261,7 @@ async def test_malformed_200_is_retried(tmp_path: Path, shape: str) -> None:
     run = await faulted_run(tmp_path, plan)
     injected = faulted_count(4)
     assert run.injector.statuses() == {200: injected}
-    assert run.stats.retries == Counter({"malformed_response": injected})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + injected
-    assert sum(run.stats.failures.values()) == 0
-    assert_one_clean_retry_each(run)
-    assert_complete_output(tmp_path)
+    assert_recovered(run, tmp_path, Counter({"malformed_response": injected}))
 
 
 async def test_a_hung_request_times_out_without_stalling_the_rest(tmp_path: Path) -> None:
