@@ -65,8 +65,8 @@ class HTTPTeacher:
         cache: ResponseCache | None = None,
     ) -> None:
         self.model = teacher.model
-        self.base_url = teacher.base_url
-        self._url = teacher.base_url.rstrip("/") + "/chat/completions"
+        self.base_url = teacher.urls[0]
+        self._url = self.base_url + "/chat/completions"
         self._config = teacher
         self._retry = retry
         self._limiter = limiter
@@ -76,7 +76,7 @@ class HTTPTeacher:
         self._cache = cache
         self._session: aiohttp.ClientSession | None = None
         self._gate = OutageGate(
-            teacher.base_url,
+            self.base_url,
             threshold=retry.outage_threshold,
             probe_base_s=retry.outage_probe_base_s,
             probe_max_s=retry.outage_probe_max_s,

@@ -47,7 +47,11 @@ class OutputConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    base_url: str = ""
+    # "auto": "http" when a base_url is set, else "embedded" (a small local demo model).
+    backend: Literal["auto", "http", "embedded"] = "auto"
+    # One URL, or a list of replicas serving the same model (least-loaded healthy one wins).
+    # TEACHER_MODEL_BASE_URL may list several, separated by commas.
+    base_url: str | list[str] = ""
     model: str = ""
     api_key: SecretStr | None = None
     timeout_s: float = Field(600.0, gt=0, le=24 * 3600)
@@ -55,15 +59,40 @@ class TeacherConfig(_Section):
     structured_output: Literal["json_schema", "json_object", "text"] = "json_schema"
     supports_n: bool = True
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The endpoint URLs, without trailing slashes, in the order given."""
+        items = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        parts = (part.strip() for item in items for part in item.split(","))
+        return tuple(part.rstrip("/") for part in parts if part)
+
+    @property
+    def mode(self) -> Literal["http", "embedded"]:
+        """The backend in use once "auto" is decided."""
+        if self.backend == "auto":
+            return "http" if self.urls else "embedded"
+        return self.backend
+
     @model_validator(mode="after")
     def _endpoint_given(self) -> TeacherConfig:
-        if not self.base_url:
+        urls = self.urls
+        if self.mode == "embedded":
+            if urls and self.backend == "embedded":
+                raise ValueError(
+                    "backend is 'embedded' but base_url is set: remove base_url (and "
+                    "TEACHER_MODEL_BASE_URL) or set backend = 'http'"
+                )
+            return self
+        if not urls:
             raise ValueError(
                 "no teacher endpoint: set TEACHER_MODEL_BASE_URL (environment or .env) "
                 "or teacher.base_url, e.g. http://localhost:8000/v1"
             )
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"base_url lists an endpoint twice: {list(urls)}")
         if not self.model:
             raise ValueError(
                 "no teacher model: set TEACHER_MODEL_NAME (environment or .env) or teacher.model"
@@ -73,6 +102,9 @@ class TeacherConfig(_Section):
 
 class LimitsConfig(_Section):
     requests_per_minute: int = Field(600, ge=1, le=1_000_000)
+    # Prompt plus completion tokens per minute; 0 = no token cap. Each request reserves an
+    # estimate (prompt size + max_tokens x choices) and the estimate is settled from `usage`.
+    tokens_per_minute: int = Field(0, ge=0, le=1_000_000_000)
     max_concurrency: int = Field(32, ge=1, le=4096)
     # Units (document x type) open at once; 0 = derived from max_concurrency.
     workers: int = Field(0, ge=0, le=4096)
@@ -97,6 +129,8 @@ class RetryConfig(_Section):
 class RunConfig(_Section):
     # After SIGINT/SIGTERM, units in flight get this long to finish before they are cancelled.
     grace_s: float = Field(30.0, ge=0, le=3600)
+    # When stdout is not a terminal, a progress line this often (seconds).
+    progress_interval_s: float = Field(60.0, gt=0, le=24 * 3600)
 
 
 class _StageKnobs(_Section):

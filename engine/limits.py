@@ -30,6 +30,11 @@ class RequestLimiter:
         self._slots = asyncio.Semaphore(max_concurrency)
         self.in_flight = 0
 
+    @property
+    def concurrency(self) -> int:
+        """Requests allowed in flight right now (below ``max_concurrency`` after 429s)."""
+        return self.max_concurrency
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         async with self._slots:

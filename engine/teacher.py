@@ -8,6 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# Tokenizers differ by model and the engine has none: about 4 characters of English text per
+# token, plus the chat template's few tokens per message, errs slightly high, as a budget should.
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate of the tokens in ``text`` (rounded up)."""
+    return -(-len(text) // _CHARS_PER_TOKEN)
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -26,6 +36,14 @@ class ChatRequest:
     response_format: dict[str, Any] | None = None
     # Which stage of which flow sent it: for logs, stats and the failure log.
     stage: str = ""
+
+    def prompt_tokens(self) -> int:
+        """Estimated prompt tokens: the messages plus the chat template's per-message cost."""
+        return sum(estimate_tokens(m.content) + _TOKENS_PER_MESSAGE for m in self.messages)
+
+    def token_budget(self) -> int:
+        """The most tokens this request can use: its prompt plus ``max_tokens`` per choice."""
+        return self.prompt_tokens() + self.max_tokens * self.n
 
     def payload(self, model: str) -> dict[str, Any]:
         """The JSON body for ``POST /chat/completions``."""

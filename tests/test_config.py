@@ -62,10 +62,9 @@ def test_default_toml_loads_with_teacher_from_environment(no_dotenv: Path) -> No
     assert config.teacher.api_key.get_secret_value() == SECRET
 
 
-def test_default_toml_without_environment_names_the_missing_variable(no_dotenv: Path) -> None:
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(DEFAULT_TOML, environ={}, dotenv_path=no_dotenv)
-    assert any("TEACHER_MODEL_BASE_URL" in p for p in problems_of(excinfo))
+def test_default_toml_without_environment_uses_the_embedded_teacher(no_dotenv: Path) -> None:
+    config = load_config(DEFAULT_TOML, environ={}, dotenv_path=no_dotenv)
+    assert config.teacher.mode == "embedded"
 
 
 def test_default_toml_states_the_documented_values(no_dotenv: Path) -> None:
@@ -319,7 +318,7 @@ def test_unknown_section_is_an_error(tmp_path: Path) -> None:
 
 
 def test_missing_base_url_names_the_variable(tmp_path: Path) -> None:
-    toml = write(tmp_path / "c.toml", "")
+    toml = write(tmp_path / "c.toml", '[teacher]\nbackend = "http"\n')
     with pytest.raises(ConfigError) as excinfo:
         load(toml, environ={"TEACHER_MODEL_NAME": "m"})
     (problem,) = problems_of(excinfo)
@@ -476,3 +475,40 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = load(write(tmp_path / "c.toml", ""))
     with pytest.raises(ValueError, match="frozen"):
         config.limits.max_concurrency = 1  # type: ignore[misc]
+
+
+def test_no_endpoint_means_the_embedded_teacher(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "c.toml", ""), environ={})
+    assert config.teacher.mode == "embedded"
+    assert config.teacher.urls == ()
+
+
+def test_embedded_backend_with_a_base_url_is_an_error(tmp_path: Path) -> None:
+    toml = write(tmp_path / "c.toml", '[teacher]\nbackend = "embedded"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load(toml, environ=ENV)
+    (problem,) = problems_of(excinfo)
+    assert "backend is 'embedded' but base_url is set" in problem
+
+
+def test_base_url_may_list_several_endpoints(tmp_path: Path) -> None:
+    toml = write(
+        tmp_path / "c.toml",
+        '[teacher]\nbase_url = ["http://a:8000/v1/", "http://b:8000/v1"]\nmodel = "m"\n',
+    )
+    config = load(toml, environ={})
+    assert config.teacher.mode == "http"
+    assert config.teacher.urls == ("http://a:8000/v1", "http://b:8000/v1")
+
+
+def test_base_url_from_the_environment_may_be_comma_separated(tmp_path: Path) -> None:
+    environ = {**ENV, "TEACHER_MODEL_BASE_URL": "http://a/v1, http://b/v1"}
+    config = load(write(tmp_path / "c.toml", ""), environ=environ)
+    assert config.teacher.urls == ("http://a/v1", "http://b/v1")
+
+
+def test_the_same_endpoint_twice_is_an_error(tmp_path: Path) -> None:
+    environ = {**ENV, "TEACHER_MODEL_BASE_URL": "http://a/v1,http://a/v1/"}
+    with pytest.raises(ConfigError) as excinfo:
+        load(write(tmp_path / "c.toml", ""), environ=environ)
+    assert "lists an endpoint twice" in problems_of(excinfo)[0]

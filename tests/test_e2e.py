@@ -152,6 +152,7 @@ async def test_cli_config_error_exits_2_before_any_request(tmp_path: Path) -> No
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine", "run", str(REPO / "config" / "default.toml"),
         "--set", "limits.max_concurrency=-1", "--set", "limits.typo=1",
+        "--set", 'teacher.backend="http"',
         cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
