@@ -10,6 +10,8 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,9 +20,11 @@ import orjson
 
 from engine.cache import ResponseCache, canonical_body, request_key
 from engine.config import RetryConfig, TeacherConfig
+from engine.endpoints import EndpointPool, Passage
 from engine.errors import (
     AuthError,
     ConfigError,
+    EngineError,
     ItemError,
     MalformedResponse,
     RequestRejected,
@@ -30,8 +34,8 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
-from engine.limits import RequestLimiter
-from engine.outage import OutageGate, Outcome
+from engine.limits import Lease, RequestLimiter
+from engine.outage import Outcome
 from engine.retry import backoff, classify, retry_after
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Choice, Usage
@@ -65,8 +69,7 @@ class HTTPTeacher:
         cache: ResponseCache | None = None,
     ) -> None:
         self.model = teacher.model
-        self.base_url = teacher.urls[0]
-        self._url = self.base_url + "/chat/completions"
+        self.base_url = ", ".join(teacher.urls)
         self._config = teacher
         self._retry = retry
         self._limiter = limiter
@@ -75,8 +78,8 @@ class HTTPTeacher:
         self._rng = rng if rng is not None else random.Random()
         self._cache = cache
         self._session: aiohttp.ClientSession | None = None
-        self._gate = OutageGate(
-            self.base_url,
+        self.endpoints = EndpointPool(
+            teacher.urls,
             threshold=retry.outage_threshold,
             probe_base_s=retry.outage_probe_base_s,
             probe_max_s=retry.outage_probe_max_s,
@@ -110,43 +113,48 @@ class HTTPTeacher:
     async def complete(self, request: ChatRequest) -> ChatReply:
         """Send ``request``; retry timeouts, resets, 408/409/429/5xx and malformed replies.
 
-        While the endpoint is down (see ``engine.outage``) failed attempts do not count against
-        ``retry.max_attempts``. Raises ``RequestRejected`` (other 4xx), ``RetriesExhausted``
-        (attempts used up), ``AuthError`` (401/403) or ``EndpointDown`` (both fatal for the run).
+        Attempts that fail on an endpoint that is down (see ``engine.endpoints``) do not count
+        against ``retry.max_attempts``. Raises ``RequestRejected`` (other 4xx),
+        ``RetriesExhausted`` (attempts used up), ``AuthError`` (401/403) or ``EndpointDown``
+        (both fatal for the run).
         """
         body = canonical_body(request.payload(self.model))
-        # Looked up before the limiter and the outage gate: a hit spends neither.
+        # Looked up before the limiter and the endpoints: a hit spends neither.
         key = request_key(body) if self._cache is not None else None
         if key is not None and (cached := self._cached(key)) is not None:
             return cached
-        max_attempts = self._retry.max_attempts
+        budget = request.token_budget()
         attempt = 0
-        token = object()  # this request, to the outage gate, across its attempts
+        token = object()  # this request, to the endpoints' health, across its attempts
         while True:
             try:
-                return await self._attempt(body, key, token)
+                reply = await self._attempt(token, body, budget)
+            except _EndpointDown:
+                continue  # routed elsewhere, or paced by the probes; the budget is untouched
             except ItemError as err:
                 err.attempts = attempt + 1
                 raise
             except RetryableError as err:
-                if self._gate.down and _unreachable(err):
-                    self._stats.retries[_reason(err)] += 1
-                    continue  # the gate paces the probes; the item's budget is untouched
                 attempt += 1
-                if attempt == max_attempts:
-                    raise RetriesExhausted(
-                        f"gave up after {attempt} attempts: {err}",
-                        status=err.status,
-                        body=err.body,
-                        attempts=attempt,
-                    ) from err
                 await self._wait(attempt, err, request.stage)
+                continue
+            if key is not None and self._cache is not None:
+                self._cache.put(key, reply.raw)  # only a valid chat completion gets here
+            return reply.value
 
     def forget(self, request: ChatRequest) -> None:
         if self._cache is not None:
             self._cache.discard(request_key(canonical_body(request.payload(self.model))))
 
     async def _wait(self, attempt: int, err: RetryableError, stage: str) -> None:
+        """Back off before attempt ``attempt + 1``, or give up: ``RetriesExhausted``."""
+        if attempt == self._retry.max_attempts:
+            raise RetriesExhausted(
+                f"gave up after {attempt} attempts: {err}",
+                status=err.status,
+                body=err.body,
+                attempts=attempt,
+            ) from err
         # Outside the limiter's slot: a request backing off must not hold concurrency.
         reason = _reason(err)
         self._stats.retries[reason] += 1
@@ -181,42 +189,65 @@ class HTTPTeacher:
         self._stats.cached += 1
         return reply
 
-    async def _attempt(self, body: bytes, key: bytes | None, token: object) -> ChatReply:
-        """One request in a limiter slot: the reply, or the engine error saying what went wrong."""
-        # The gate is passed inside the slot: requests queued for a slot when the endpoint
-        # went down must not all go out once they get one.
-        async with self._limiter.slot(), self._gate.passage(token) as passage:
-            self._stats.requests_sent += 1
-            try:
-                status, headers, raw = await self._post(body)
-            except RetryableError:
-                passage.outcome = Outcome.UNREACHABLE
-                raise
+    async def _attempt(self, token: object, body: bytes, budget: int) -> _Received:
+        """One attempt, in a limiter slot, to the endpoint the pool picks then."""
+        while True:
+            await self.endpoints.ready()  # before the slot: waiting out an outage holds none
+            async with self._limiter.slot(budget) as lease:
+                passage = self.endpoints.route(token)
+                if passage is None:
+                    continue  # all went down while this waited for its slot
+                try:
+                    return await self._exchange(passage, lease, body)
+                except RetryableError as err:
+                    if passage.endpoint.health.down and _unreachable(err):
+                        self._stats.retries[_reason(err)] += 1
+                        raise _EndpointDown from err
+                    raise
+
+    async def _exchange(self, passage: Passage, lease: Lease, body: bytes) -> _Received:
+        """Send ``body`` to ``passage.endpoint``; the reply, or the engine error saying what
+        went wrong. Reports the outcome to the endpoint's health and to the limiter."""
+        self._stats.requests_sent += 1
+        try:
+            status, headers, raw = await self._post(passage.endpoint.chat_url, body)
+        except RetryableError:
+            passage.outcome = Outcome.UNREACHABLE
+            raise
+        else:
             gone = status in _GATEWAY_STATUSES
             passage.outcome = Outcome.UNREACHABLE if gone else Outcome.ANSWERED
-        reply = self._reply(status, headers, raw)
-        if key is not None and self._cache is not None:
-            self._cache.put(key, raw)  # only a valid chat completion gets here
-        return reply
+        finally:
+            self.endpoints.settle(passage)
+        try:
+            reply = self._reply(passage.endpoint.url, status, headers, raw)
+        except EngineError:
+            if status == HTTPStatus.TOO_MANY_REQUESTS:
+                lease.throttled()  # fewer requests in flight, for a while
+            else:
+                lease.answered(0)
+            raise
+        lease.answered(reply.usage.prompt_tokens + reply.usage.completion_tokens)
+        return _Received(reply, raw)
 
-    async def _post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    async def _post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """The HTTP exchange itself; aiohttp's exceptions end here."""
         if self._session is None:
             raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
         try:
-            async with self._session.post(self._url, data=body) as response:
+            async with self._session.post(url, data=body) as response:
                 return response.status, response.headers, await response.read()
         # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
         except TimeoutError as err:
-            raise TeacherTimeout(f"no reply from {self._url} in time") from err
+            raise TeacherTimeout(f"no reply from {url} in time") from err
         except aiohttp.InvalidURL as err:
             raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
         except aiohttp.ClientError as err:
             raise TeacherConnectionError(
-                f"connection to {self._url} failed: {type(err).__name__}: {err}"
+                f"connection to {url} failed: {type(err).__name__}: {err}"
             ) from err
 
-    def _reply(self, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
+    def _reply(self, url: str, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
         decision = classify(status)
         if decision == "ok":
             reply = self._parse(raw)
@@ -224,7 +255,7 @@ class HTTPTeacher:
             self._stats.completion_tokens += reply.usage.completion_tokens
             return reply
         if decision == "auth":
-            raise AuthError(self.base_url, status)
+            raise AuthError(url, status)
         excerpt = _excerpt(raw)
         if decision == "reject":
             raise RequestRejected(
@@ -263,6 +294,16 @@ class HTTPTeacher:
 
     def __repr__(self) -> str:
         return f"<HTTPTeacher {self.base_url} model={self.model}>"
+
+
+class _EndpointDown(Exception):
+    """An attempt failed on an endpoint already known to be down: it costs no attempt."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    value: ChatReply
+    raw: bytes
 
 
 def _unreachable(err: RetryableError) -> bool:

@@ -80,7 +80,10 @@ async def run_job(
             return None
     elif checkpoint.done:
         log.info("resuming: %d units already done in %s", len(checkpoint.done), out_dir)
-    limiter = RequestLimiter(config.limits.requests_per_minute, config.limits.max_concurrency)
+    limits = config.limits
+    limiter = RequestLimiter(
+        limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
+    )
     replies = ResponseCache.open(cache_path(config)) if cache else None
     with replies if replies is not None else contextlib.nullcontext():
         async with HTTPTeacher(

@@ -1,52 +1,209 @@
-"""Request limits: a cap on requests in flight and a paced requests-per-minute budget."""
+"""Request limits: requests in flight (adaptive on 429), paced requests and tokens per minute.
+
+Every teacher request passes through ``RequestLimiter.slot()``: a concurrency slot first, then
+the requests-per-minute bucket, then (when ``tokens_per_minute`` is set) the token bucket.
+Both buckets are aiolimiter leaky buckets holding half a second of quota, so starting or
+resuming after a lull never sends a burst: a bucket of a whole minute would send 60 s of
+quota in the first second, and the busiest minute would hold twice the cap.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
-# The bucket holds at most this share of a minute's quota, so starting (or resuming after a
-# lull) never sends a burst: a full-minute bucket would send 60 s of quota in the first second.
+log = logging.getLogger(__name__)
+
 _BURST_SECONDS = 0.5
 
 
-class RequestLimiter:
-    """Every teacher request passes through ``slot()``: first a concurrency slot, then pacing.
+def _bucket(per_minute: int) -> AsyncLimiter:
+    """A leaky bucket for ``per_minute`` holding about ``_BURST_SECONDS`` of it (at least 1)."""
+    capacity = max(1, int(per_minute * _BURST_SECONDS / 60))
+    return AsyncLimiter(capacity, 60.0 * capacity / per_minute)
 
-    Pacing is a leaky bucket (aiolimiter) sized to half a second of quota; the concurrency cap
-    is a semaphore. The slot is held while the request is in flight.
+
+class AdaptiveConcurrency:
+    """Additive increase, multiplicative decrease of the requests allowed in flight.
+
+    A 429 halves the limit, once per round: a 429 to a request sent before the last
+    decrease says nothing new (that request went out under the old limit). Every success
+    adds ``1 / limit``, so the limit grows back by one per limit's worth of successes, up
+    to ``maximum``. Pure state, no clock: the caller reports outcomes.
     """
 
-    def __init__(self, requests_per_minute: int, max_concurrency: int) -> None:
-        if requests_per_minute < 1 or max_concurrency < 1:
+    def __init__(self, maximum: int, minimum: int = 1, factor: float = 0.5) -> None:
+        if not 1 <= minimum <= maximum:
+            raise ValueError("need 1 <= minimum <= maximum")
+        self.maximum = maximum
+        self.minimum = minimum
+        self.factor = factor
+        self.limit = maximum
+        self.round = 0  # bumped at every decrease
+        self.decreases = 0
+        self._growth = 0.0
+
+    def throttled(self, sent_in_round: int) -> bool:
+        """A 429 to a request sent in ``sent_in_round``; True if the limit went down."""
+        if sent_in_round != self.round or self.limit == self.minimum:
+            return False
+        self.limit = max(self.minimum, int(self.limit * self.factor))
+        self.round += 1
+        self.decreases += 1
+        self._growth = 0.0
+        return True
+
+    def succeeded(self) -> bool:
+        """A reply that was not a 429; True if the limit went up."""
+        if self.limit >= self.maximum:
+            return False
+        self._growth += 1.0 / self.limit
+        if self._growth < 1.0:
+            return False
+        self._growth -= 1.0
+        self.limit += 1
+        return True
+
+    def __repr__(self) -> str:
+        return f"<AdaptiveConcurrency {self.limit}/{self.maximum} decreases={self.decreases}>"
+
+
+class _TokenBudget:
+    """Tokens per minute: each request reserves an estimate, settled later from its usage.
+
+    Over-estimates come back as credit for the next requests, at most one bucket's worth
+    (more would let the busiest minute exceed the cap); under-estimates become debt that the
+    next requests pay before they go. Reservations queue in arrival order (aiolimiter wakes
+    its smallest waiter first, which could starve a large request) and a request larger than
+    the bucket is paid in bucket-sized parts, so it waits its turn instead of deadlocking.
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._bucket = _bucket(per_minute)
+        self._capacity = int(self._bucket.max_rate)
+        self._turn = asyncio.Lock()
+        self.balance = 0.0  # > 0: credit from over-estimates; < 0: debt from under-estimates
+
+    async def reserve(self, tokens: int) -> None:
+        need = tokens - self.balance
+        if need <= 0:
+            self.balance -= tokens
+            return
+        self.balance = 0.0
+        async with self._turn:
+            while need > 0:
+                part = min(need, self._capacity)
+                await self._bucket.acquire(part)
+                need -= part
+
+    def settle(self, reserved: int, used: int) -> None:
+        self.balance = min(self.balance + reserved - used, float(self._capacity))
+
+
+@dataclass(slots=True)
+class Lease:
+    """One request's hold on the limiter; the client reports what became of it."""
+
+    limiter: RequestLimiter
+    reserved_tokens: int
+    round: int
+
+    def throttled(self) -> None:
+        """The endpoint answered 429."""
+        if self.limiter.adaptive.throttled(self.round):
+            log.warning(
+                "teacher answered 429: requests in flight cut to %d (of %d)",
+                self.limiter.adaptive.limit,
+                self.limiter.max_concurrency,
+            )
+
+    def answered(self, used_tokens: int) -> None:
+        """Any other reply; ``used_tokens`` from its usage (0 when the server sent none)."""
+        if self.limiter.adaptive.succeeded():
+            self.limiter._wake()
+        tokens = self.limiter.tokens
+        if tokens is not None and used_tokens > 0:
+            tokens.settle(self.reserved_tokens, used_tokens)
+
+
+class RequestLimiter:
+    """A concurrency cap that shrinks on 429 and grows back, plus paced RPM and TPM budgets.
+
+    The slot is held while the request is in flight; waiting for it is first come, first
+    served.
+    """
+
+    def __init__(
+        self, requests_per_minute: int, max_concurrency: int, tokens_per_minute: int = 0
+    ) -> None:
+        if requests_per_minute < 1 or max_concurrency < 1 or tokens_per_minute < 0:
             raise ValueError("requests_per_minute and max_concurrency must be >= 1")
-        burst = max(1, int(requests_per_minute * _BURST_SECONDS / 60))
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
-        self._pace = AsyncLimiter(burst, 60.0 * burst / requests_per_minute)
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self.tokens_per_minute = tokens_per_minute
+        self.adaptive = AdaptiveConcurrency(max_concurrency)
+        self.tokens = _TokenBudget(tokens_per_minute) if tokens_per_minute else None
+        self._pace = _bucket(requests_per_minute)
+        self._held = 0  # slots taken, including requests still waiting for pacing
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.in_flight = 0
 
     @property
     def concurrency(self) -> int:
         """Requests allowed in flight right now (below ``max_concurrency`` after 429s)."""
-        return self.max_concurrency
+        return self.adaptive.limit
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._slots:
+    async def slot(self, tokens: int = 0) -> AsyncIterator[Lease]:
+        """Hold a slot for one request that may use up to ``tokens`` tokens."""
+        await self._take()
+        try:
             await self._pace.acquire()
+            if self.tokens is not None and tokens > 0:
+                await self.tokens.reserve(tokens)
             self.in_flight += 1
             try:
-                yield
+                yield Lease(self, tokens if self.tokens is not None else 0, self.adaptive.round)
             finally:
                 self.in_flight -= 1
+        finally:
+            self._held -= 1
+            self._wake()
+
+    async def _take(self) -> None:
+        if self._held < self.adaptive.limit and not self._waiters:
+            self._held += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._held -= 1  # the slot was handed over just as we were cancelled
+                self._wake()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _wake(self) -> None:
+        """Hand free slots to the longest waiters; the slot is counted as taken here."""
+        while self._waiters and self._held < self.adaptive.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._held += 1
+                waiter.set_result(None)
 
     def __repr__(self) -> str:
+        tpm = f" tpm={self.tokens_per_minute}" if self.tokens is not None else ""
         return (
-            f"<RequestLimiter rpm={self.requests_per_minute} "
-            f"in_flight={self.in_flight}/{self.max_concurrency}>"
+            f"<RequestLimiter rpm={self.requests_per_minute}{tpm} "
+            f"in_flight={self.in_flight}/{self.max_concurrency} limit={self.adaptive.limit}>"
         )

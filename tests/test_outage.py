@@ -38,7 +38,7 @@ class FakeEndpoint:
         self.attempts = 0
         self.first_success_after: dict[float, float] = {}
 
-    async def __call__(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def __call__(self, url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         loop = asyncio.get_running_loop()
         self.attempts += 1
         if self.is_down(loop.time()):
@@ -97,7 +97,7 @@ def test_a_ten_minute_outage_mid_run_fails_no_item() -> None:
 
     results = run_virtual(scenario())
     assert [r for r in results if not isinstance(r, ChatReply)] == []
-    assert teacher._gate.outages == 1 and not teacher._gate.down
+    assert teacher.endpoints.outages == 1 and not teacher.endpoints.down
     # The wave in flight when it went down fails at once; after that, one probe at a time.
     assert endpoint.peak_in_flight_while_down <= 32
     assert max(n for t, n in endpoint.down_attempts if t > outage[0] + 1) == 1
@@ -143,13 +143,13 @@ def test_gateway_errors_count_as_an_outage_but_500_does_not() -> None:
     teacher, _ = make_teacher(gateway)
     results = run_virtual(_send_all(teacher, 40))
     assert all(isinstance(r, ChatReply) for r in results)
-    assert teacher._gate.outages == 1
+    assert teacher.endpoints.outages == 1
 
     server_error = FakeEndpoint(lambda now: True, 500)
     teacher, _ = make_teacher(server_error)
     results = run_virtual(_send_all(teacher, 10))
     assert all(isinstance(r, RetriesExhausted) and r.attempts == 4 for r in results)
-    assert teacher._gate.outages == 0
+    assert teacher.endpoints.outages == 0
 
 
 def test_one_request_failing_alone_uses_its_own_budget_and_is_not_an_outage() -> None:
@@ -163,7 +163,7 @@ def test_one_request_failing_alone_uses_its_own_budget_and_is_not_an_outage() ->
         assert caught.value.attempts == 6
 
     run_virtual(one())
-    assert endpoint.attempts == 6 and not teacher._gate.down
+    assert endpoint.attempts == 6 and not teacher.endpoints.down
 
 
 async def test_the_teacher_going_away_mid_run_loses_nothing(tmp_path: Path) -> None:
