@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from engine.client import HTTPTeacher
 from engine.config import RetryConfig, TeacherConfig
@@ -185,9 +187,17 @@ def test_requests_waiting_out_an_outage_hold_no_concurrency_slot() -> None:
 
 async def test_one_of_two_real_servers_stopping_mid_run_loses_nothing(tmp_path: Path) -> None:
     fast = SimulatorConfig(latency_mean_s=0.02)
+    busy = asyncio.Event()
+
+    async def count(seq: int, body: dict[str, Any]) -> None:
+        if seq >= 10:
+            busy.set()  # the replica that leaves has served some of the run
+
     stats = Stats()
     async with running_simulator(fast) as keeps, contextlib.AsyncExitStack() as leaving_stack:
-        leaving = await leaving_stack.enter_async_context(running_simulator(fast))
+        leaving = await leaving_stack.enter_async_context(
+            running_simulator(dataclasses.replace(fast, fault=count))
+        )
         config = config_for(
             keeps.base_url,
             tmp_path,
@@ -201,8 +211,7 @@ async def test_one_of_two_real_servers_stopping_mid_run_loses_nothing(tmp_path: 
             "retry.outage_max_s=0.5",  # shorter than the rest of the run: must not stop it
         )
         job = asyncio.create_task(run_job(config, stats))
-        while len(leaving.state.requests) < 10:
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(busy.wait(), timeout=30)
         before = len(keeps.state.requests)
         await leaving_stack.aclose()  # one replica goes away for good
         await asyncio.wait_for(job, timeout=30)
