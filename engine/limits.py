@@ -92,13 +92,15 @@ class _TokenBudget:
         self.balance = 0.0  # > 0: credit from over-estimates; < 0: debt from under-estimates
 
     async def reserve(self, tokens: int) -> None:
-        need = tokens - self.balance
-        if need <= 0:
-            self.balance -= tokens
-            return
-        self.balance = 0.0
+        need = float(tokens)
         async with self._turn:
-            while need > 0:
+            while True:
+                # Credit that came back while this request waited is used first; a debt is
+                # paid on top. Either way the balance is spent here.
+                need -= self.balance
+                self.balance = max(0.0, -need)
+                if need <= 0:
+                    return
                 part = min(need, self._capacity)
                 await self._bucket.acquire(part)
                 need -= part
@@ -186,11 +188,11 @@ class RequestLimiter:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._held -= 1  # the slot was handed over just as we were cancelled
+            # A cancelled waiter stays in the queue until ``_wake`` skips it; one that was
+            # handed a slot just as it was cancelled passes the slot on.
+            if not waiter.cancelled():
+                self._held -= 1
                 self._wake()
-            else:
-                self._waiters.remove(waiter)
             raise
 
     def _wake(self) -> None:

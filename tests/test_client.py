@@ -272,6 +272,49 @@ async def test_429_waits_retry_after_then_succeeds(
     assert len(sent(mocked)) == 2
 
 
+async def test_429_cuts_the_concurrency_and_success_grows_it_back(
+    client: HTTPTeacher, mocked: aioresponses, limiter: RequestLimiter
+) -> None:
+    mocked.post(ENDPOINT, status=429, body='{"error": "slow down"}')
+    mocked.post(ENDPOINT, payload=reply("done"))
+    mocked.post(ENDPOINT, payload=reply("again"))
+
+    await client.complete(REQUEST)
+    assert (limiter.concurrency, limiter.adaptive.decreases) == (2, 1)  # halved from 4
+    await client.complete(REQUEST)  # two successes at a limit of 2: one step back up
+
+    assert limiter.concurrency == 3
+
+
+async def test_other_errors_leave_the_concurrency_alone(
+    client: HTTPTeacher, mocked: aioresponses, limiter: RequestLimiter
+) -> None:
+    for status in (500, 503, 408):
+        mocked.post(ENDPOINT, status=status)
+    mocked.post(ENDPOINT, payload=reply())
+
+    await client.complete(REQUEST)
+
+    assert (limiter.concurrency, limiter.adaptive.decreases) == (4, 0)
+
+
+async def test_token_cap_settles_the_reservation_from_usage(
+    mocked: aioresponses,
+    teacher_config: TeacherConfig,
+    retry_config: RetryConfig,
+    stats: Stats,
+) -> None:
+    limiter = RequestLimiter(100_000, 4, tokens_per_minute=600_000)  # bucket: 5,000 tokens
+    mocked.post(ENDPOINT, payload=reply("ok"))  # usage: 18 tokens
+    request = ChatRequest(messages=(Message("user", "x" * 400),), max_tokens=1_000)
+    async with HTTPTeacher(teacher_config, retry_config, limiter, stats) as teacher:
+        await teacher.complete(request)
+    assert limiter.tokens is not None
+    # Reserved 104 prompt + 1,000 completion tokens; 18 used: the rest is credit.
+    assert request.token_budget() == 1_104
+    assert limiter.tokens.balance == 1_104 - 18
+
+
 async def test_429_with_retry_after_ms(
     client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep
 ) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -329,3 +331,31 @@ def test_a_waiter_cancelled_while_queued_gives_its_slot_to_the_next() -> None:
 
     assert run_virtual(scenario()) == ["first", "last"]
     assert "in_flight=0/1" in repr(limiter)
+
+
+def test_cancelling_every_waiter_at_once_leaves_the_limiter_consistent() -> None:
+    # As when a run is cancelled: waiters are cancelled while slots are being released.
+    limiter = RequestLimiter(1_000_000, 2)
+
+    async def scenario() -> None:
+        async def hold() -> None:
+            async with limiter.slot():
+                await asyncio.sleep(1.0)
+
+        tasks = [asyncio.create_task(hold()) for _ in range(10)]
+        await asyncio.sleep(0.5)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        assert "in_flight=0/2" in repr(limiter)
+        # Still usable, at its full concurrency.
+        await asyncio.gather(hold(), hold())
+
+    loop_time = run_virtual(_timed(scenario()))
+    assert loop_time == pytest.approx(1.5, abs=0.01)
+
+
+async def _timed(coro: Coroutine[Any, Any, None]) -> float:
+    await coro
+    return asyncio.get_running_loop().time()
