@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from engine.seeds import DOC_ID_CHARS
+
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.jsonl"
 FAILURES_FILE = "failures.jsonl"
 REJECTS_FILE = "rejects.jsonl"
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def gen_name(gen_type: str) -> str:
@@ -28,13 +32,58 @@ def gen_name(gen_type: str) -> str:
     return f"{gen_type}/gen.jsonl"
 
 
+class UnitSet:
+    """A set of (doc_id, gen_type) units, compact: a resumed run over a large corpus holds
+    every done unit, so each is one 64-bit integer in a set per type (about a third of a
+    tuple of two strings)."""
+
+    def __init__(self, units: Iterable[tuple[str, str]] = ()) -> None:
+        self._by_type: dict[str, set[int | str]] = {}
+        for unit in units:
+            self.add(unit)
+
+    def add(self, unit: tuple[str, str]) -> None:
+        doc_id, gen_type = unit
+        self._by_type.setdefault(gen_type, set()).add(_key(doc_id))
+
+    def discard(self, unit: tuple[str, str]) -> None:
+        doc_id, gen_type = unit
+        self._by_type.get(gen_type, set()).discard(_key(doc_id))
+
+    def __contains__(self, unit: object) -> bool:
+        if not isinstance(unit, tuple) or len(unit) != 2:
+            return False
+        doc_id, gen_type = unit
+        ids = self._by_type.get(gen_type)
+        return ids is not None and isinstance(doc_id, str) and _key(doc_id) in ids
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for gen_type, ids in self._by_type.items():
+            for key in ids:
+                yield (f"{key:0{DOC_ID_CHARS}x}" if isinstance(key, int) else key), gen_type
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self._by_type.values())
+
+    def __repr__(self) -> str:
+        return f"<UnitSet {len(self)}>"
+
+
+def _key(doc_id: str) -> int | str:
+    """The engine's ids (16 hex digits) as an integer; any other id as it is."""
+    if len(doc_id) == DOC_ID_CHARS and _HEX_DIGITS.issuperset(doc_id):
+        return int(doc_id, 16)
+    return doc_id
+
+
 @dataclass
 class Checkpoint:
-    """Finished units and the committed length of each output file (relative path → bytes)."""
+    """Units finished before this run and the committed length of each output file
+    (relative path → bytes)."""
 
-    done: set[tuple[str, str]] = field(default_factory=set)
+    done: UnitSet = field(default_factory=UnitSet)
     # Done units that lost items (listed in failures.jsonl): what --retry-failed reruns.
-    failed: set[tuple[str, str]] = field(default_factory=set)
+    failed: UnitSet = field(default_factory=UnitSet)
     lengths: dict[str, int] = field(default_factory=dict)
 
     def is_done(self, doc_id: str, gen_type: str) -> bool:
@@ -76,8 +125,23 @@ class Checkpoint:
 def load_checkpoint(out_dir: Path) -> Checkpoint:
     """Read ``progress.jsonl`` (ignoring a torn last line) and cut every output file back to the
     length recorded by the last complete progress line."""
-    checkpoint = Checkpoint()
     progress = out_dir / PROGRESS_FILE
+    checkpoint, good_end = _read_progress(progress)
+    if progress.exists():
+        _truncate(progress, good_end)
+    for name in _output_files(out_dir):
+        _truncate(out_dir / name, checkpoint.lengths.get(name, 0))
+    return checkpoint
+
+
+def read_checkpoint(out_dir: Path) -> Checkpoint:
+    """What ``progress.jsonl`` records, read only: unlike ``load_checkpoint``, nothing is cut."""
+    return _read_progress(out_dir / PROGRESS_FILE)[0]
+
+
+def _read_progress(progress: Path) -> tuple[Checkpoint, int]:
+    """The checkpoint up to the last complete line, and that line's end (bytes)."""
+    checkpoint = Checkpoint()
     good_end = 0
     if progress.exists():
         with progress.open("rb") as f:
@@ -88,10 +152,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
                     break
                 checkpoint.record(entry)
                 good_end += len(line)
-        _truncate(progress, good_end)
-    for name in _output_files(out_dir):
-        _truncate(out_dir / name, checkpoint.lengths.get(name, 0))
-    return checkpoint
+    return checkpoint, good_end
 
 
 def _parse_progress(line: bytes) -> dict[str, Any] | None:

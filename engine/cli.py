@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine run|validate CONFIG [--set section.key=value ...]``.
+"""Command line: ``python -m engine run|validate|plan CONFIG [--set section.key=value ...]``.
 
 Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials);
 2 bad configuration, seeds path or output directory (nothing was sent);
@@ -15,10 +15,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from engine import __version__
+from engine import __version__, report
 from engine.config import Config, load_config
 from engine.errors import ConfigError, FatalRunError
 from engine.job import check_paths, run_job
+from engine.plan import DEFAULT_LATENCY_S, format_plan, make_plan
+from engine.report import Outcome
 from engine.seeds import Reject, read_seeds
 from engine.stats import Stats
 
@@ -37,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         if args.command == "validate":
             return _validate(config)
+        if args.command == "plan":
+            return _plan(config, args.latency, fresh=args.fresh)
         options = {
             "fresh": args.fresh,
             "force": args.force,
@@ -56,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "generate the datasets (resumes where the last run stopped)"),
         ("validate", "check the config and the seed file; send nothing"),
+        ("plan", "count the requests and tokens a run would send, and its duration; send nothing"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", help="TOML config, e.g. config/default.toml")
@@ -67,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config key; VALUE is TOML (repeatable)",
         )
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "plan":
+            _plan_arguments(sub)
         if name == "run":
             sub.add_argument(
                 "--fresh",
@@ -92,8 +99,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plan_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--latency",
+        type=_positive_seconds,
+        default=DEFAULT_LATENCY_S,
+        metavar="SECONDS",
+        help=f"assumed mean time per request (default {DEFAULT_LATENCY_S:g})",
+    )
+    sub.add_argument(
+        "--fresh",
+        action="store_true",
+        help="count the units already done in the output directory too",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _plan(config: Config, latency_s: float, *, fresh: bool) -> int:
+    print(format_plan(make_plan(config, fresh=fresh), config, latency_s))
+    return EXIT_OK
+
+
 def _run(config: Config, options: dict[str, bool]) -> int:
     stats = Stats()
+    try:
+        outcome = _outcome(config, stats, options)
+    except ConfigError:
+        raise  # refused before sending anything: the last run's report stays as it was
+    except BaseException as err:  # a bug: still report what was done, then the traceback
+        _report(config, stats, options, Outcome(EXIT_FATAL, "crashed", report.describe_crash(err)))
+        raise
+    _report(config, stats, options, outcome)
+    return outcome.exit_code
+
+
+def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
+    """Run the job; say how it ended (logging what the user should do about it)."""
     fatal: list[Exception] = []
     interrupted: int | None = None
     try:
@@ -107,18 +157,30 @@ def _run(config: Config, options: dict[str, bool]) -> int:
     log.info("%s", stats.summary())
     if interrupted is not None:
         log.warning("interrupted: finished units are saved; run the same command to resume")
-        return interrupted
+        name = signal.Signals(interrupted - 128).name
+        return Outcome(interrupted, "interrupted", f"{name}: finished units are saved; resumable")
     for cause in fatal:
         log.error("run stopped: %s", cause)
     if fatal:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
-        return EXIT_FATAL
+        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in fatal))
     log.info("output in %s", config.output.dir)
     if stats.failures:
         failed = sum(stats.failures.values())
         log.warning("%d items failed: see %s", failed, config.output.dir / "failures.jsonl")
-        return EXIT_FAILED_ITEMS
-    return EXIT_OK
+        return Outcome(EXIT_FAILED_ITEMS, "failed_items", f"{failed} items failed")
+    return Outcome(EXIT_OK, "done", "every unit finished")
+
+
+def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: Outcome) -> None:
+    """Write run_report.json and print its summary; a report that cannot be written is logged,
+    never allowed to change the exit code."""
+    content = report.build(config, stats, outcome, options)
+    try:
+        report.write(config.output.dir, content)
+    except OSError as err:
+        log.error("could not write %s: %s", report.REPORT_FILE, err)
+    print(report.summary(content), flush=True)
 
 
 def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:

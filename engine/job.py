@@ -16,6 +16,7 @@ from engine.config import Config
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.limits import RequestLimiter
+from engine.progress import show_progress
 from engine.scheduler import Scheduler
 from engine.seeds import read_seeds
 from engine.shutdown import Shutdown
@@ -101,7 +102,8 @@ async def run_job(
             assert task is not None
             with shutdown.installed(task):
                 try:
-                    await scheduler.run(seeds)
+                    async with show_progress(config, stats, limiter, scheduler):
+                        await scheduler.run(seeds)
                 except asyncio.CancelledError:
                     if shutdown.signum is None:
                         raise

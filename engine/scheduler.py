@@ -84,12 +84,13 @@ class Scheduler:
                 await results.put(item)
                 continue
             for flow in self.flows:
-                if self._wanted(item.doc_id, flow.gen_type):
+                if self.wanted(item.doc_id, flow.gen_type):
                     await units.put((item, flow))
                 else:
                     self.stats.units_skipped[flow.gen_type] += 1
 
-    def _wanted(self, doc_id: str, gen_type: str) -> bool:
+    def wanted(self, doc_id: str, gen_type: str) -> bool:
+        """Whether this run works on the unit (also asked by the progress count)."""
         if self.only is not None:
             return (doc_id, gen_type) in self.only
         return not self.checkpoint.is_done(doc_id, gen_type)

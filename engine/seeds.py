@@ -55,9 +55,13 @@ class Reject:
         return {"line": self.line_no, "reason": self.reason, "excerpt": self.excerpt}
 
 
+# Hex digits of a document id: 64 bits, so ids stay unique far beyond any corpus size.
+DOC_ID_CHARS = 16
+
+
 def doc_id_for(document: str) -> str:
     """A short id derived from the content: the same chunk gets the same id in every run."""
-    return hashlib.sha256(document.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(document.encode("utf-8")).hexdigest()[:DOC_ID_CHARS]
 
 
 def read_seeds(path: Path, max_document_chars: int) -> Iterator[SeedRow | Reject]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -12,18 +13,43 @@ class Stats:
     """What the run has done so far. Single-threaded (one event loop): no locks needed."""
 
     started: float = field(default_factory=time.monotonic)
+    # Wall-clock start, for the run report (``started`` is monotonic and means nothing outside).
+    started_at: float = field(default_factory=time.time)
     requests_sent: int = 0
     # Replies taken from the response cache: no request sent, no tokens spent.
     cached: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: Counter[str] = field(default_factory=Counter)
+    # Failed items by kind (request_rejected, retries_exhausted, ...).
     failures: Counter[str] = field(default_factory=Counter)
     units_done: Counter[str] = field(default_factory=Counter)
     units_skipped: Counter[str] = field(default_factory=Counter)
+    # By type: units that lost at least one item, and the items they lost.
+    units_failed: Counter[str] = field(default_factory=Counter)
+    items_failed: Counter[str] = field(default_factory=Counter)
     records: Counter[str] = field(default_factory=Counter)
     judged_out: Counter[str] = field(default_factory=Counter)
     rejects: int = 0
+    # Valid rows in the seed file, once counted (engine.progress); None until then.
+    seed_rows: int | None = None
+
+    def unit_written(
+        self, gen_type: str, records: int, judged_out: int, failure_kinds: Iterable[str]
+    ) -> None:
+        """Count one finished unit, as the writer committed it."""
+        kinds = Counter(failure_kinds)
+        self.units_done[gen_type] += 1
+        self.records[gen_type] += records
+        self.judged_out[gen_type] += judged_out
+        self.failures.update(kinds)
+        if kinds:
+            self.units_failed[gen_type] += 1
+            self.items_failed[gen_type] += kinds.total()
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

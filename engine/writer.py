@@ -109,12 +109,9 @@ class OutputWriter:
         if result.failures:
             lines = (_failure_line(item.seed, item.gen_type, f) for f in result.failures)
             self._append(FAILURES_FILE, lines)
-        self.checkpoint.done.add((item.seed.doc_id, item.gen_type))
-        self.stats.units_done[item.gen_type] += 1
-        self.stats.records[item.gen_type] += len(records)
-        self.stats.judged_out[item.gen_type] += result.judged_out
-        for failure in result.failures:
-            self.stats.failures[failure.kind] += 1
+        self.stats.unit_written(
+            item.gen_type, len(records), result.judged_out, (f.kind for f in result.failures)
+        )
         return self.checkpoint.progress_line(
             item.seed.doc_id, item.gen_type, len(records), len(result.failures)
         )

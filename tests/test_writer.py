@@ -6,7 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.checkpoint import PROGRESS_FILE, load_checkpoint
+from engine.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
 from engine.flows.base import Failure, UnitResult, make_record
 from engine.seeds import Reject, SeedRow, doc_id_for
 from engine.stats import Stats
@@ -141,7 +141,7 @@ async def test_retrying_a_unit_adds_only_missing_records_and_replaces_its_failur
     other = unit("doc b", "extractive_summary", 1, failures=1)
     await write_all(tmp_path, [first, other])
     checkpoint = load_checkpoint(tmp_path)
-    assert checkpoint.failed == {
+    assert set(checkpoint.failed) == {
         (first.seed.doc_id, first.gen_type),
         (other.seed.doc_id, first.gen_type),
     }
@@ -163,5 +163,16 @@ async def test_retrying_a_unit_adds_only_missing_records_and_replaces_its_failur
     # doc a's old failure line is gone; doc b's stays.
     assert [f["doc_id"] for f in lines(tmp_path / "failures.jsonl")] == [other.seed.doc_id]
     resumed = load_checkpoint(tmp_path)
-    assert resumed.failed == {(other.seed.doc_id, "extractive_summary")}
+    assert set(resumed.failed) == {(other.seed.doc_id, "extractive_summary")}
     assert (tmp_path / "failures.jsonl").stat().st_size == resumed.lengths["failures.jsonl"]
+
+
+def test_unit_set_holds_engine_ids_compactly_and_other_ids_as_they_are() -> None:
+    units = UnitSet([("0123456789abcdef", "a"), ("doc a", "a"), ("0123456789abcdef", "b")])
+    assert ("0123456789abcdef", "a") in units
+    assert ("0123456789abcdef", "c") not in units
+    assert ("doc a", "a") in units and ("doc a", "b") not in units
+    assert len(units) == 3
+    assert sorted(units) == [("0123456789abcdef", "a"), ("0123456789abcdef", "b"), ("doc a", "a")]
+    units.discard(("0123456789abcdef", "a"))
+    assert ("0123456789abcdef", "a") not in units and len(units) == 2

@@ -105,6 +105,12 @@ class Asker:
             stage=ask.stage,
         )
 
+    def first_round(self, ask: Ask[T], count: int = 1) -> list[ChatRequest]:
+        """The requests ``many(ask, count)`` (``one(ask)`` for 1) sends before any re-ask."""
+        if self.supports_n:
+            return [self.request(ask, count, _note(0, count, None, 0))]
+        return [self.request(ask, 1, _note(slot, count, None, 0)) for slot in range(count)]
+
     async def one(self, ask: Ask[T]) -> Parsed[T]:
         """One validated reply; raises the ``ItemError`` that lost it."""
         got: list[Parsed[T]] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.config import DocumentQAConfig
-from engine.flows.base import UnitResult
+from engine.flows.base import StagePlan, UnitResult
 from engine.flows.qa import Knobs, QuestionsThenAnswers
 from engine.flows.unit import FlowContext
 from engine.seeds import SeedRow
@@ -27,6 +27,9 @@ class DocumentQAFlow:
             step = self.qa.questions_step(unit, (), seed.document)
             unit.spawn(unit.stage("questions"), "questions", step)
         return unit.result()
+
+    def plan(self, seed: SeedRow) -> list[StagePlan]:
+        return self.qa.plan(self.ctx, seed, self.gen_type, seed.document, 1, "chunk")
 
     def __repr__(self) -> str:
         return f"<DocumentQAFlow x{self.config.questions}>"

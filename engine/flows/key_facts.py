@@ -8,10 +8,15 @@ from __future__ import annotations
 from engine import prompts
 from engine.config import KeyFactsConfig
 from engine.flows.ask import Ask
-from engine.flows.base import UnitResult
-from engine.flows.unit import FlowContext, Pair, Unit, label
+from engine.flows.base import StagePlan, UnitResult, assumed_reply
+from engine.flows.unit import FlowContext, Pair, Unit, label, stage_name
 from engine.seeds import SeedRow
-from engine.structured import KeyFact, key_facts_model, qa_pairs_model
+from engine.structured import KeyFact, KeyFacts, QAPairs, key_facts_model, qa_pairs_model
+
+
+def _grounding(fact: str, context: str) -> str:
+    """A pair's ``document``: its fact and the fact's context."""
+    return f"{fact}\n\n{context}"
 
 
 class KeyFactsFlow:
@@ -26,30 +31,51 @@ class KeyFactsFlow:
             unit.spawn(unit.stage("key_facts"), "key_facts", self._facts(unit))
         return unit.result()
 
-    async def _facts(self, unit: Unit) -> None:
-        ask = Ask(
-            unit.stage("key_facts"),
-            prompts.key_facts_messages(unit.seed, self.config.max_facts),
+    def plan(self, seed: SeedRow) -> list[StagePlan]:
+        c = self.config
+        # Each fact and each context is one item of the key-facts reply; likewise per pair.
+        fact = assumed_reply(c.max_tokens, 2 * c.max_facts, seed.document)
+        text = assumed_reply(c.qa_max_tokens, 2 * c.qa_per_fact, seed.document)
+        facts = self.ctx.asker.first_round(self._facts_ask(seed))
+        qa = self.ctx.asker.first_round(self._qa_ask(seed, fact, fact))
+        pair = (_grounding(fact, fact), text, text)
+        pairs = c.max_facts * c.qa_per_fact
+        return [
+            StagePlan.of(facts),
+            StagePlan.of(qa, c.max_facts, f"{c.max_facts} facts"),
+            *self.ctx.judge_plan(
+                self.gen_type, pairs, pair, f"{c.max_facts} facts x {c.qa_per_fact} pairs"
+            ),
+        ]
+
+    def _facts_ask(self, seed: SeedRow) -> Ask[KeyFacts]:
+        return Ask(
+            stage_name(self.gen_type, "key_facts"),
+            prompts.key_facts_messages(seed, self.config.max_facts),
             key_facts_model(self.config.max_facts),
             self.config.temperature,
             self.config.max_tokens,
         )
-        got = await unit.asker.one(ask)
+
+    def _qa_ask(self, seed: SeedRow, fact: str, context: str) -> Ask[QAPairs]:
+        count = self.config.qa_per_fact
+        return Ask(
+            stage_name(self.gen_type, "qa"),
+            prompts.fact_qa_messages(seed, fact, context, count),
+            qa_pairs_model(count),
+            self.config.qa_temperature,
+            self.config.qa_max_tokens,
+        )
+
+    async def _facts(self, unit: Unit) -> None:
+        got = await unit.asker.one(self._facts_ask(unit.seed))
         for i, fact in enumerate(got.value.facts):
             path = (f"f{i:03d}",)
             unit.spawn(unit.stage("qa"), label(path), self._qa(unit, path, fact))
 
     async def _qa(self, unit: Unit, path: tuple[str, ...], fact: KeyFact) -> None:
-        count = self.config.qa_per_fact
-        ask = Ask(
-            unit.stage("qa"),
-            prompts.fact_qa_messages(unit.seed, fact.fact, fact.context, count),
-            qa_pairs_model(count),
-            self.config.qa_temperature,
-            self.config.qa_max_tokens,
-        )
-        got = await unit.asker.one(ask)
-        document = f"{fact.fact}\n\n{fact.context}"
+        got = await unit.asker.one(self._qa_ask(unit.seed, fact.fact, fact.context))
+        document = _grounding(fact.fact, fact.context)
         for j, pair in enumerate(got.value.pairs):
             unit.add(
                 Pair(

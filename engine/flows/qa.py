@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from engine import prompts
 from engine.flows.ask import Ask
-from engine.flows.unit import Pair, Unit, label
-from engine.structured import Answer, questions_model
+from engine.flows.base import StagePlan, assumed_reply
+from engine.flows.unit import FlowContext, Pair, Unit, label, stage_name
+from engine.seeds import SeedRow
+from engine.structured import Answer, Questions, questions_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +27,26 @@ class QuestionsThenAnswers:
     answers: Knobs
     digits: int = 2  # width of the question number in the record path
 
-    async def questions_step(self, unit: Unit, path: tuple[str, ...], document: str) -> None:
-        ask = Ask(
-            unit.stage("questions"),
-            prompts.question_messages(unit.seed, document, self.count),
+    def questions_ask(self, seed: SeedRow, stage: str, document: str) -> Ask[Questions]:
+        return Ask(
+            stage,
+            prompts.question_messages(seed, document, self.count),
             questions_model(self.count),
             self.questions.temperature,
             self.questions.max_tokens,
         )
+
+    def answer_ask(self, seed: SeedRow, stage: str, document: str, question: str) -> Ask[Answer]:
+        return Ask(
+            stage,
+            prompts.answer_messages(seed, document, question),
+            Answer,
+            self.answers.temperature,
+            self.answers.max_tokens,
+        )
+
+    async def questions_step(self, unit: Unit, path: tuple[str, ...], document: str) -> None:
+        ask = self.questions_ask(unit.seed, unit.stage("questions"), document)
         got = await unit.asker.one(ask)
         for j, question in enumerate(got.value.questions):
             qpath = (*path, f"q{j:0{self.digits}d}")
@@ -45,12 +59,23 @@ class QuestionsThenAnswers:
     async def answer_step(
         self, unit: Unit, path: tuple[str, ...], document: str, question: str
     ) -> None:
-        ask = Ask(
-            unit.stage("answer"),
-            prompts.answer_messages(unit.seed, document, question),
-            Answer,
-            self.answers.temperature,
-            self.answers.max_tokens,
-        )
+        ask = self.answer_ask(unit.seed, unit.stage("answer"), document, question)
         got = await unit.asker.one(ask)
         unit.add(Pair(path, document, question, got.value.answer, got.model, got.choice.reasoning))
+
+    def plan(
+        self, ctx: FlowContext, seed: SeedRow, gen_type: str, document: str, documents: int, of: str
+    ) -> list[StagePlan]:
+        """The requests for ``documents`` documents like ``document`` (``of`` names them in
+        the assumption), assuming the teacher returns ``count`` questions for each."""
+        question = assumed_reply(self.questions.max_tokens, self.count, seed.document)
+        response = assumed_reply(self.answers.max_tokens, 1, seed.document)
+        questions = self.questions_ask(seed, stage_name(gen_type, "questions"), document)
+        answers = self.answer_ask(seed, stage_name(gen_type, "answer"), document, question)
+        pairs = documents * self.count
+        assumes = f"{self.count} questions per {of}"
+        return [
+            StagePlan.of(ctx.asker.first_round(questions), documents),
+            StagePlan.of(ctx.asker.first_round(answers), pairs, assumes),
+            *ctx.judge_plan(gen_type, pairs, (document, question, response), assumes),
+        ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from engine import prompts
 from engine.config import SummaryConfig
 from engine.flows.ask import Ask, Parsed
-from engine.flows.base import UnitResult
+from engine.flows.base import StagePlan, UnitResult, assumed_reply
 from engine.flows.qa import Knobs, QuestionsThenAnswers
-from engine.flows.unit import FlowContext, Unit
+from engine.flows.unit import FlowContext, Unit, stage_name
 from engine.seeds import SeedRow
 from engine.structured import Summary
 
@@ -40,14 +40,25 @@ class SummaryFlow:
             unit.spawn(unit.stage("summary"), "summaries", self._summaries(unit))
         return unit.result()
 
-    async def _summaries(self, unit: Unit) -> None:
-        ask = Ask(
-            unit.stage("summary"),
-            prompts.summary_messages(unit.seed, self.style),
+    def plan(self, seed: SeedRow) -> list[StagePlan]:
+        summaries = self.ctx.asker.first_round(self._summary_ask(seed), self.config.summaries)
+        summary = assumed_reply(self.config.max_tokens, 1, seed.document)
+        return [
+            StagePlan.of(summaries),
+            *self.qa.plan(self.ctx, seed, self.gen_type, summary, self.config.summaries, "summary"),
+        ]
+
+    def _summary_ask(self, seed: SeedRow) -> Ask[Summary]:
+        return Ask(
+            stage_name(self.gen_type, "summary"),
+            prompts.summary_messages(seed, self.style),
             Summary,
             self.config.temperature,
             self.config.max_tokens,
         )
+
+    async def _summaries(self, unit: Unit) -> None:
+        ask = self._summary_ask(unit.seed)
 
         def on_summary(slot: int, got: Parsed[Summary]) -> None:
             path = _slot_path(slot)

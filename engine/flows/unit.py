@@ -18,7 +18,7 @@ from typing import Any
 from engine import prompts
 from engine.errors import FatalRunError, ItemError
 from engine.flows.ask import Ask, Asker
-from engine.flows.base import Failure, UnitResult, make_record
+from engine.flows.base import Failure, StagePlan, UnitResult, make_record
 from engine.seeds import SeedRow
 from engine.structured import Verdict
 
@@ -55,10 +55,38 @@ class FlowContext:
     def unit(self, seed: SeedRow, gen_type: str) -> Unit:
         return Unit(seed, gen_type, self.asker, self.judge)
 
+    def judge_plan(
+        self, gen_type: str, pairs: int, pair: tuple[str, str, str], assumes: str
+    ) -> list[StagePlan]:
+        """The judge's requests for ``pairs`` pairs like ``pair`` (document, question,
+        response); none when the judge is off."""
+        if self.judge is None or pairs == 0:
+            return []
+        ask = judge_ask(stage_name(gen_type, "judge"), self.judge, *pair)
+        return [StagePlan.of(self.asker.first_round(ask), pairs, assumes)]
+
 
 def label(path: tuple[str, ...]) -> str:
     """The ``Failure.item`` for a branch, e.g. ``"s003/q01"``."""
     return "/".join(path)
+
+
+def stage_name(gen_type: str, name: str) -> str:
+    """The full stage name, e.g. ``"extractive_summary/questions"``."""
+    return f"{gen_type}/{name}"
+
+
+def judge_ask(
+    stage: str, judge: Judge, document: str, question: str, response: str
+) -> Ask[Verdict]:
+    """Is ``response`` to ``question`` faithful to ``document``?"""
+    return Ask(
+        stage,
+        prompts.judge_messages(document, question, response),
+        Verdict,
+        judge.temperature,
+        judge.max_tokens,
+    )
 
 
 class Unit:
@@ -76,7 +104,7 @@ class Unit:
 
     def stage(self, name: str) -> str:
         """The full stage name, e.g. ``"extractive_summary/questions"``."""
-        return f"{self.gen_type}/{name}"
+        return stage_name(self.gen_type, name)
 
     async def __aenter__(self) -> Unit:
         await self._tg.__aenter__()
@@ -125,13 +153,7 @@ class Unit:
             self.spawn(self.stage("judge"), label(pair.path), self._judged(pair, self._judge))
 
     async def _judged(self, pair: Pair, judge: Judge) -> None:
-        ask = Ask(
-            self.stage("judge"),
-            prompts.judge_messages(pair.document, pair.question, pair.response),
-            Verdict,
-            judge.temperature,
-            judge.max_tokens,
-        )
+        ask = judge_ask(self.stage("judge"), judge, pair.document, pair.question, pair.response)
         verdict = (await self.asker.one(ask)).value
         if verdict.faithful:
             self._keep(pair)

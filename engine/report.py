@@ -1,0 +1,233 @@
+"""The run report: what a run did, as ``<output.dir>/run_report.json`` and a terminal summary.
+
+Written at the end of every run that got as far as sending (done, failed items, interrupted,
+fatal error, crash); not when the configuration was refused, so a refused re-run never
+replaces the report of the run that produced the output. Counters are this run's own: units
+done before are reported as skipped, and rejected seed rows belong to the seed file, not to a
+type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from engine import __version__
+from engine.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
+from engine.config import Config
+from engine.progress import duration
+from engine.stats import Stats
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "run_report.json"
+_REDACTED = "[redacted]"
+_CRASH_CHARS = 300
+_ROW = "  {:<20} {:>6} {:>6} {:>8} {:>16} {:>8}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the run ended: the process exit code, a status word and a human reason."""
+
+    exit_code: int
+    status: str  # done | failed_items | interrupted | fatal | crashed
+    reason: str
+
+
+def build(
+    config: Config,
+    stats: Stats,
+    outcome: Outcome,
+    options: Mapping[str, bool],
+    *,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict; every path in it is absolute.
+
+    The API key is replaced wherever it appears: nothing in the report should hold it (the
+    fatal reason is an error message, the endpoints lose any user info), and this makes sure.
+    """
+    out = config.output.dir.resolve()
+    wall = stats.elapsed()
+    minutes = wall / 60
+    ended = time.time() if now is None else now
+    report: dict[str, Any] = {
+        "engine_version": __version__,
+        "exit": {"code": outcome.exit_code, "status": outcome.status, "reason": outcome.reason},
+        "started_at": _iso(stats.started_at),
+        "ended_at": _iso(ended),
+        "wall_time_s": round(wall, 3),
+        "options": dict(options),
+        "teacher": {
+            "model": config.teacher.model,
+            "endpoints": [_public_url(url) for url in config.teacher.urls],
+        },
+        "types": {t: _type_entry(stats, t, out) for t in config.generation.types},
+        "seed_file": {
+            "path": str(config.input.seeds.resolve()),
+            # None when the count did not run (stopped first, or nothing to do).
+            "valid_rows": stats.seed_rows,
+            "rejected_rows": stats.rejects,
+            "rejects_file": str(out / REJECTS_FILE),
+        },
+        "requests": {
+            "sent": stats.requests_sent,
+            "retried": stats.retries.total(),
+            "retries_by_reason": dict(sorted(stats.retries.items())),
+            "from_cache": stats.cached,
+        },
+        "failed_items_by_kind": dict(sorted(stats.failures.items())),
+        "tokens": {
+            "prompt": stats.prompt_tokens,
+            "completion": stats.completion_tokens,
+            "total": stats.tokens,
+        },
+        "rates_per_minute": {
+            "requests": round(stats.requests_sent / minutes, 1) if minutes else 0.0,
+            "tokens": round(stats.tokens / minutes, 1) if minutes else 0.0,
+            # None: no cap.
+            "requests_cap": config.limits.requests_per_minute or None,
+            "tokens_cap": config.limits.tokens_per_minute or None,
+        },
+        "files": {
+            "output_dir": str(out),
+            "failures": str(out / FAILURES_FILE),
+            "rejects": str(out / REJECTS_FILE),
+            "progress": str(out / PROGRESS_FILE),
+            "report": str(out / REPORT_FILE),
+        },
+    }
+    key = config.teacher.api_key
+    scrubbed: dict[str, Any] = _scrub(report, key.get_secret_value() if key else None)
+    return scrubbed
+
+
+def describe_crash(err: BaseException) -> str:
+    """A short reason for an unexpected error: its distinct leaf errors, with counts (a task
+    group can hold hundreds of the same one)."""
+    leaves: Counter[str] = Counter()
+    pending = [err]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(reversed(item.exceptions))
+        else:
+            leaves[f"{type(item).__name__}: {item}"[:_CRASH_CHARS]] += 1
+    parts = [text if n == 1 else f"{text} (x{n})" for text, n in leaves.most_common(3)]
+    more = len(leaves) - len(parts)
+    return "; ".join(parts) + (f"; and {more} other errors" if more > 0 else "")
+
+
+def _type_entry(stats: Stats, gen_type: str, out: Path) -> dict[str, Any]:
+    return {
+        # One unit per valid seed row; None when the rows were not counted.
+        "units_total": stats.seed_rows,
+        # Finished by this run, including units that lost some items.
+        "units_done": stats.units_done[gen_type],
+        # Not run: done before (or, with --retry-failed, nothing to retry).
+        "units_skipped": stats.units_skipped[gen_type],
+        "units_with_failed_items": stats.units_failed[gen_type],
+        "items_failed": stats.items_failed[gen_type],
+        "judged_out": stats.judged_out[gen_type],
+        "records_written": stats.records[gen_type],
+        "output_file": str(out / gen_name(gen_type)),
+    }
+
+
+def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
+    """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename)."""
+    path = out_dir / REPORT_FILE
+    tmp = path.with_name(f".{REPORT_FILE}.tmp")
+    data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    """The report as a few aligned lines for the terminal."""
+    end, seeds, req, tok = report["exit"], report["seed_file"], report["requests"], report["tokens"]
+    rates, files = report["rates_per_minute"], report["files"]
+    rows = [_ROW.format("units:", "total", "done", "skipped", "with lost items", "records")]
+    for gen_type, t in report["types"].items():
+        total = "?" if t["units_total"] is None else t["units_total"]
+        lost = f"{t['units_with_failed_items']} ({t['items_failed']} items)"
+        rows.append(
+            _ROW.format(
+                gen_type, total, t["units_done"], t["units_skipped"], lost, t["records_written"]
+            )
+        )
+    valid = "?" if seeds["valid_rows"] is None else seeds["valid_rows"]
+    lines = [
+        f"run {end['status']} (exit {end['code']}): {end['reason']}",
+        *rows,
+        f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
+        f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
+        f"{req['from_cache']} answered from cache",
+        f"  failed items: {sum(report['failed_items_by_kind'].values())}"
+        f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
+        f"  tokens: {tok['prompt']} in, {tok['completion']} out",
+        f"  per minute: {rates['requests']:.0f} requests (cap {_cap(rates['requests_cap'])}), "
+        f"{rates['tokens']:.0f} tokens (cap {_cap(rates['tokens_cap'])})",
+        f"  wall time {duration(report['wall_time_s'])}; output in {files['output_dir']}",
+        f"  report: {files['report']}",
+    ]
+    return "\n".join(lines)
+
+
+def _reasons(requests: Mapping[str, Any]) -> str:
+    return _by_kind(requests["retries_by_reason"])
+
+
+def _by_kind(counts: Mapping[str, int]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{key}: {n}" for key, n in counts.items()) + ")"
+
+
+def _cap(cap: int | None) -> str:
+    return "none" if cap is None else str(cap)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _public_url(url: str) -> str:
+    """``url`` without user info, query or fragment: where credentials could hide."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: keep the host alone
+        port = None
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _scrub(value: Any, secret: str | None) -> Any:
+    if not secret:
+        return value
+    if isinstance(value, str):
+        return value.replace(secret, _REDACTED)
+    if isinstance(value, Mapping):
+        return {_scrub(k, secret): _scrub(v, secret) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, secret) for v in value]
+    return value
