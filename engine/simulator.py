@@ -68,6 +68,9 @@ class SimulatorConfig:
     reasoning_field: str | None = None
     supports_n: bool = True
     rpm_limit: int = 0
+    # Report completion tokens as max_tokens per choice: a teacher that always writes to its
+    # limit, so that a client's token reservations are exact (token-pacing benchmarks).
+    usage_fills_max_tokens: bool = False
     fault: FaultHook | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +90,7 @@ class RequestLog:
     n: int = 1
     response_format: str | None = None  # the ``type`` of response_format; None when absent
     prompt_head: str = ""  # first 80 characters of the last user message
+    tokens: int = 0  # prompt + completion tokens reported in the reply's usage
 
 
 class SimulatorState:
@@ -386,6 +390,7 @@ async def _answer(
         if faulty is not None:
             return faulty
         completion = _completion(body, config, log.seq)
+        log.tokens = completion["usage"]["total_tokens"]
     except _BadRequest as err:
         return _error(400, str(err), kind="invalid_request_error", code=None)
     await asyncio.sleep(_latency(config, state.rng))
@@ -449,6 +454,9 @@ def _completion(body: dict[str, Any], config: SimulatorConfig, seq: int) -> dict
             completion_tokens += _tokens(reasoning)
         choices.append({"index": index, "message": message, "finish_reason": "stop"})
     prompt_tokens = sum(_tokens(_text_of(m.get("content"))) for m in body["messages"])
+    max_tokens = body.get("max_tokens")
+    if config.usage_fills_max_tokens and isinstance(max_tokens, int):
+        completion_tokens = max_tokens * count
     return {
         "id": f"chatcmpl-sim-{seq}",
         "object": "chat.completion",
