@@ -42,6 +42,17 @@ SMALL = [
 ]
 
 
+async def engine_cli(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """``python -m engine ARGS`` as a user runs it: its exit code and everything it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine", *args,
+        cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, output.decode()
+
+
 def config_for(base_url: str, out: Path, *extra: str) -> Config:
     overrides = [*SMALL, f'output.dir="{out}"', f'input.seeds="{SAMPLE_SEEDS}"', *extra]
     env = {"TEACHER_MODEL_BASE_URL": base_url, "TEACHER_MODEL_NAME": "sim-teacher"}

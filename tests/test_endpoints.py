@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.client import HTTPTeacher
-from engine.config import RetryConfig, TeacherConfig
 from engine.errors import EndpointDown, TeacherConnectionError
 from engine.job import run_job
-from engine.limits import RequestLimiter
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Message
 from tests.clock import run_virtual
 from tests.test_e2e import assert_complete_output, config_for
+from tests.test_outage import make_teacher as fake_http_teacher
 
 REQUEST = ChatRequest(messages=(Message("user", "hi"),))
 OK_BODY = b'{"model": "m", "choices": [{"message": {"content": "ok"}}]}'
@@ -57,26 +56,8 @@ class Replicas:
 
 
 def make_teacher(replicas: Replicas, **retry: float) -> HTTPTeacher:
-    config = RetryConfig.model_validate(
-        {
-            "max_attempts": 4,
-            "backoff_base_s": 0.5,
-            "backoff_max_s": 8,
-            "outage_threshold": 5,
-            "outage_probe_base_s": 1,
-            "outage_probe_max_s": 30,
-            "outage_max_s": 300,
-            **retry,
-        }
-    )
-    teacher = HTTPTeacher(
-        TeacherConfig(base_url=list(URLS), model="m"),
-        config,
-        RequestLimiter(requests_per_minute=1_000_000, max_concurrency=16),
-        Stats(),
-    )
-    teacher._post = replicas  # type: ignore[method-assign]  # the HTTP exchange, faked
-    return teacher
+    retry = {"outage_max_s": 300, **retry}
+    return fake_http_teacher(replicas, list(URLS), concurrency=16, **retry)[0]
 
 
 async def _send_all(teacher: HTTPTeacher, count: int) -> list[ChatReply | BaseException]:

@@ -8,11 +8,9 @@ attempt number, never at random, so every count below is exact: a clean run send
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -41,6 +39,7 @@ from tests.test_e2e import (
     D,
     assert_complete_output,
     config_for,
+    engine_cli,
     read_gen,
     seed_count,
 )
@@ -109,14 +108,10 @@ async def cli_run(base_url: str, out: Path, *flags: str, key: str | None = None)
     if key is not None:
         env["TEACHER_MODEL_API_KEY"] = key
     sets = [*SMALL, *RETRY, f'output.dir="{out}"', f'input.seeds="{SAMPLE_SEEDS}"']
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine", "run", str(REPO / "config" / "default.toml"), *flags,
-        *(a for s in sets for a in ("--set", s)),
-        cwd=out, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, output.decode()
+    args = [a for s in sets for a in ("--set", s)]
+    return await engine_cli(
+        "run", str(REPO / "config" / "default.toml"), *flags, *args, cwd=out, env=env
+    )
 
 
 def first_attempt_of_every(k: int, fault: Callable[[Seen], web.StreamResponse]) -> Plan:

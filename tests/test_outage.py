@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from tests.test_e2e import assert_complete_output, config_for
 
 REQUEST = ChatRequest(messages=(Message("user", "hi"),))
 OK_BODY = b'{"model": "m", "choices": [{"message": {"content": "ok"}}]}'
+Post = Callable[[str, bytes], Awaitable[tuple[int, dict[str, str], bytes]]]
 LATENCY_S = 1.0
 
 
@@ -54,7 +55,13 @@ class FakeEndpoint:
         return 200, {}, OK_BODY
 
 
-def make_teacher(endpoint: FakeEndpoint, **retry: float) -> tuple[HTTPTeacher, Stats]:
+def make_teacher(
+    post: Post,
+    base_url: str | list[str] = "http://teacher.test/v1",
+    concurrency: int = 32,
+    **retry: float,
+) -> tuple[HTTPTeacher, Stats]:
+    """A real client whose HTTP exchange is ``post``."""
     stats = Stats()
     config = RetryConfig.model_validate(
         {
@@ -69,12 +76,12 @@ def make_teacher(endpoint: FakeEndpoint, **retry: float) -> tuple[HTTPTeacher, S
         }
     )
     teacher = HTTPTeacher(
-        TeacherConfig(base_url="http://teacher.test/v1", model="m"),
+        TeacherConfig(base_url=base_url, model="m"),
         config,
-        RequestLimiter(requests_per_minute=1_000_000, max_concurrency=32),
+        RequestLimiter(requests_per_minute=1_000_000, max_concurrency=concurrency),
         stats,
     )
-    teacher._post = endpoint  # type: ignore[method-assign]  # the HTTP exchange, faked
+    teacher._post = post  # type: ignore[method-assign]  # the HTTP exchange, faked
     return teacher, stats
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import os
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, estimate_tokens
 from tests.fakes import FakeTeacher, make_seed, reply
-from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, config_for
+from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, config_for, engine_cli
 
 # Small fan-out: N summaries, Q questions each, F facts x P pairs, D document questions.
 N, Q, F, P, D = 3, 2, 4, 3, 5
@@ -395,13 +394,7 @@ async def test_plan_predicts_the_requests_a_run_sends(
 
 
 async def plan_cli(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine", "plan", str(REPO / "config" / "default.toml"), *args,
-        cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, output.decode()
+    return await engine_cli("plan", str(REPO / "config" / "default.toml"), *args, cwd=cwd, env=env)
 
 
 async def test_cli_plan_prints_the_table_and_sends_nothing(tmp_path: Path) -> None:
