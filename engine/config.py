@@ -32,32 +32,47 @@ ENV_KEYS = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings are the field descriptions: the README's config reference is
+    # generated from them (engine.reference).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class InputConfig(_Section):
     seeds: Path = Path("config/sample_seeds.jsonl")
+    """Module 2's seed_data.jsonl: one JSON object per line with document,
+    document_outline, domain, icl_document, icl_query_1..3. Read as a stream."""
     max_document_chars: int = Field(60_000, ge=1, le=10_000_000)
+    """Rows whose document is longer than this (characters) go to rejects.jsonl."""
 
 
 class OutputConfig(_Section):
     dir: Path = Path("output/step_03")
-    # The response cache (SQLite); "" = <dir>/cache.sqlite.
+    """Where <type>/gen.jsonl, failures.jsonl, rejects.jsonl, progress.jsonl and
+    run_report.json go."""
     cache: str = ""
+    """The response cache (one SQLite file); "" = <dir>/cache.sqlite."""
 
 
 class TeacherConfig(_Section):
-    # "auto": "http" when a base_url is set, else "embedded" (a small local demo model).
     backend: Literal["auto", "http", "embedded"] = "auto"
-    # One URL, or a list of replicas serving the same model (least-loaded healthy one wins).
-    # TEACHER_MODEL_BASE_URL may list several, separated by commas.
+    """"auto": "http" when a base_url is set, else "embedded" (a tiny local demo model,
+    started and stopped by the run)."""
     base_url: str | list[str] = ""
+    """The OpenAI-compatible endpoint, e.g. http://localhost:8000/v1, or a list of replicas
+    of one model (TEACHER_MODEL_BASE_URL: commas). Usually set via TEACHER_MODEL_BASE_URL."""
     model: str = ""
+    """The model name the endpoint serves. Usually set via TEACHER_MODEL_NAME."""
     api_key: SecretStr | None = None
+    """Sent as a Bearer token. Set it only via TEACHER_MODEL_API_KEY (environment or .env)."""
     timeout_s: float = Field(600.0, gt=0, le=24 * 3600)
+    """Per request; keep it above the longest legitimate reply (a retry starts over)."""
     connect_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Time to open a connection."""
     structured_output: Literal["json_schema", "json_object", "text"] = "json_schema"
+    """How replies are held to each stage's schema: json_schema (OpenAI, vLLM), json_object
+    (llama.cpp), or text (schema in the prompt, first JSON value taken from the reply)."""
     supports_n: bool = True
+    """false: ask for N samples as N requests instead of one request with n=N."""
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -102,65 +117,90 @@ class TeacherConfig(_Section):
 
 class LimitsConfig(_Section):
     requests_per_minute: int = Field(600, ge=1, le=1_000_000)
-    # Prompt plus completion tokens per minute; 0 = no token cap. Each request reserves an
-    # estimate (prompt size + max_tokens x choices) and the estimate is settled from `usage`.
+    """Requests per minute, paced: at most half a second of quota goes out at once."""
     tokens_per_minute: int = Field(0, ge=0, le=1_000_000_000)
+    """Prompt plus completion tokens per minute; 0 = no token cap. Each request reserves
+    its estimated prompt plus max_tokens per choice; the reply's usage settles it."""
     max_concurrency: int = Field(32, ge=1, le=4096)
-    # Units (document x type) open at once; 0 = derived from max_concurrency.
+    """Requests in flight, at most (halved on 429, grown back on success). vLLM never
+    answers 429: this cap is its only protection."""
     workers: int = Field(0, ge=0, le=4096)
+    """(document, type) units worked on at once; 0 = max(4, max_concurrency)."""
 
 
 class RetryConfig(_Section):
     max_attempts: int = Field(6, ge=1, le=100)
+    """Attempts per request for timeouts, resets, 408/409/429/5xx and malformed replies."""
     backoff_base_s: float = Field(0.5, ge=0, le=60)
+    """Back-off: uniform(0, min(backoff_max_s, backoff_base_s x 2^attempt)) seconds."""
     backoff_max_s: float = Field(30.0, ge=0, le=3600)
+    """The longest back-off between two attempts."""
     retry_after_max_s: float = Field(120.0, ge=0, le=3600)
-    # Replies that do not parse/validate against the stage's schema are asked again this often.
+    """A server's Retry-After is honoured up to this many seconds."""
     invalid_reply_attempts: int = Field(3, ge=1, le=20)
-    # Failures in a row, across requests, that mean the endpoint is down (refused, reset,
-    # timeout, 502/503/504): dispatch pauses and one probe at a time checks for its return.
+    """A reply that does not match the stage's schema is asked again, this many times in all."""
     outage_threshold: int = Field(5, ge=1, le=10_000)
+    """Different requests failing in a row as if the endpoint were gone (refused, reset,
+    timeout, 502/503/504) that mark it down: dispatch to it pauses, one probe at a time."""
     outage_probe_base_s: float = Field(1.0, gt=0, le=600)
+    """The first pause before probing an endpoint that is down; doubles per failed probe."""
     outage_probe_max_s: float = Field(30.0, gt=0, le=3600)
-    # Stop (resumably) when the endpoint has been down this long.
+    """The longest pause between two probes."""
     outage_max_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    """Stop the run (resumably) when every endpoint has been down this long."""
 
 
 class RunConfig(_Section):
-    # After SIGINT/SIGTERM, units in flight get this long to finish before they are cancelled.
     grace_s: float = Field(30.0, ge=0, le=3600)
-    # When stdout is not a terminal, a progress line this often (seconds).
+    """After SIGINT/SIGTERM, units in flight get this long to finish; a second signal stops
+    at once."""
     progress_interval_s: float = Field(60.0, gt=0, le=24 * 3600)
+    """When stdout is not a terminal (nohup, systemd, CI): a progress log line this often."""
 
 
 class _StageKnobs(_Section):
     temperature: float = Field(0.7, ge=0, le=2)
+    """Sampling temperature of the type's first stage (summaries, key facts, questions)."""
     max_tokens: int = Field(2048, ge=16, le=131_072)
+    """max_tokens of the first stage, per choice."""
     qa_temperature: float = Field(0.3, ge=0, le=2)
+    """Temperature of the question and answer stages."""
     qa_max_tokens: int = Field(1024, ge=16, le=131_072)
+    """max_tokens of the question and answer stages."""
 
 
 class SummaryConfig(_StageKnobs):
     summaries: int = Field(50, ge=1, le=1000)
+    """Summaries per chunk (one request with n=N when the teacher supports n)."""
     questions_per_summary: int = Field(5, ge=1, le=100)
+    """Questions asked of each summary, each answered once."""
     temperature: float = Field(1.0, ge=0, le=2)
+    """Sampling temperature of the summaries: high, so the N summaries differ."""
 
 
 class KeyFactsConfig(_StageKnobs):
     max_facts: int = Field(30, ge=1, le=500)
+    """At most this many key facts per chunk."""
     qa_per_fact: int = Field(5, ge=1, le=100)
+    """Question/answer pairs per fact."""
     temperature: float = Field(0.2, ge=0, le=2)
+    """Sampling temperature of the key-facts stage."""
 
 
 class DocumentQAConfig(_StageKnobs):
     questions: int = Field(10, ge=1, le=200)
+    """Questions asked directly of each chunk, each answered once."""
 
 
 class GenerationConfig(_Section):
     types: list[GenType] = Field(default_factory=lambda: list(GEN_TYPES), min_length=1)
+    """The datasets to generate, each into <output.dir>/<type>/gen.jsonl."""
     judge: bool = False
+    """Check each answer for faithfulness; unfaithful pairs are dropped and counted."""
     judge_temperature: float = Field(0.0, ge=0, le=2)
+    """Temperature of the judge."""
     judge_max_tokens: int = Field(512, ge=16, le=131_072)
+    """max_tokens of the judge."""
     extractive_summary: SummaryConfig = SummaryConfig()
     detailed_summary: SummaryConfig = SummaryConfig()
     key_facts_to_qa: KeyFactsConfig = KeyFactsConfig()
