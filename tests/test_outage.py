@@ -200,3 +200,25 @@ async def test_the_teacher_going_away_mid_run_loses_nothing(tmp_path: Path) -> N
     assert_complete_output(tmp_path)
     assert sum(stats.failures.values()) == 0
     assert stats.retries["connection"] > 0
+
+
+def test_waiting_out_an_outage_spends_no_rate_budget() -> None:
+    # 300 requests wait out an outage under a 600 rpm cap. A probe's result wakes them all;
+    # those that find nothing to route go back to waiting, and the work after the outage
+    # must not queue behind them.
+    outage = (5.0, 200.0)
+    endpoint = FakeEndpoint(lambda now: outage[0] <= now < outage[1])
+    teacher, stats = make_teacher(endpoint)
+    teacher._limiter = RequestLimiter(requests_per_minute=600, max_concurrency=32)
+    ended: list[float] = []
+
+    async def scenario() -> list[ChatReply | BaseException]:
+        results = await _send_all(teacher, 300)
+        ended.append(asyncio.get_running_loop().time())
+        return results
+
+    results = run_virtual(scenario())
+    assert [r for r in results if not isinstance(r, ChatReply)] == []
+    # 250 requests left at 10 a second take 25 s; the last probe may come up to 30 s late.
+    assert ended[0] < outage[1] + 30 + 25 + 10, ended
+    assert stats.requests_sent < 300 + 32 + 20
