@@ -40,6 +40,10 @@ class AuthError(FatalRunError):
         )
 
 
+class EmbeddedTeacherError(FatalRunError):
+    """The embedded demo teacher (a local llama.cpp server) did not start or stopped."""
+
+
 class RetryableError(EngineError):
     """A transient failure: the same request may succeed if sent again."""
 

@@ -13,6 +13,7 @@ from engine.cache import CACHE_FILE, ResponseCache
 from engine.checkpoint import load_checkpoint
 from engine.client import HTTPTeacher
 from engine.config import Config
+from engine.embedded import embedded_teacher
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.limits import RequestLimiter
@@ -71,6 +72,11 @@ async def run_job(
     if fresh:
         manifest.move_aside(out_dir)
     check_paths(config)
+    if config.teacher.mode == "embedded":
+        # The whole run against the local demo server, with the config it yields (mode
+        # "http"), so that the manifest records the settings actually used.
+        async with embedded_teacher(config) as served:
+            return await run_job(served, stats, force=force, cache=cache, retry_failed=retry_failed)
     checkpoint = load_checkpoint(out_dir)
     manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
     types = list(config.generation.types)
