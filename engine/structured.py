@@ -139,7 +139,9 @@ def schema_instructions(model: type[BaseModel], mode: Mode) -> str:
     )
 
 
-_decoder = json.JSONDecoder()
+# strict=False: a raw newline or tab inside a string is accepted. Models write them (small
+# ones often, large ones now and then) and the meaning is plain; rejecting them loses the item.
+_decoder = json.JSONDecoder(strict=False)
 _OPENERS = re.compile(r"[\[{]")
 _RUN_OF_OPENERS = re.compile(r"[\[{\s]+")
 

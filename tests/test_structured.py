@@ -41,6 +41,8 @@ Q3 = questions_model(3)
         ('{"answer": "  padded  "}', Answer, {"answer": "padded"}),
         ('{"questions": ["a", "b", "c", "d", "e"]}', Q3, {"questions": ["a", "b", "c"]}),
         ('{"answer": "x", "extra": 1}', Answer, {"answer": "x"}),
+        # A raw newline or tab inside a string, as small models write them.
+        ('{"answer": "line one\nline two\tend"}', Answer, {"answer": "line one\nline two\tend"}),
     ],
 )
 def test_parse_reply_finds_the_first_valid_json(
