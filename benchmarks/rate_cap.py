@@ -9,6 +9,10 @@ say and the figure shows how much of the cap the settling from ``usage`` recover
 
     python -m benchmarks.rate_cap [--rpm 600] [--seconds 130]
     python -m benchmarks.rate_cap --tpm 600000 [--short-replies]
+
+With ``--server-rpm N`` the server itself rate-limits (429 with Retry-After beyond N requests
+in any 60 s); the figures then count the requests it answered (200) against N: how close the
+engine's back-off and adaptive concurrency stay to a hosted API's limit.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rpm", type=int, default=600)
     parser.add_argument("--tpm", type=int, default=0, help="cap tokens instead of requests")
     parser.add_argument("--short-replies", action="store_true", help="--tpm: real usage")
+    parser.add_argument("--server-rpm", type=int, default=0, help="the server's own limit")
     parser.add_argument("--seconds", type=float, default=130.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-mean", type=float, default=0.3)
@@ -77,6 +82,7 @@ async def _run(args: argparse.Namespace) -> None:
         latency_mean_s=args.latency_mean,
         latency_sigma=0.5,
         usage_fills_max_tokens=tokens and not args.short_replies,
+        rpm_limit=args.server_rpm,
     )
     with tempfile.TemporaryDirectory() as tmp:
         seeds = write_seeds(Path(tmp) / "seeds.jsonl", args.docs)
@@ -93,6 +99,10 @@ async def _run(args: argparse.Namespace) -> None:
                 await task
             requests: list[RequestLog] = sorted(sim.state.requests, key=lambda r: r.arrival)
     cap, unit = (args.tpm, "tokens") if tokens else (args.rpm, "requests")
+    if args.server_rpm:
+        cap = args.server_rpm
+        print(f"429 answers: {sum(r.status == 429 for r in requests)}")
+        requests = [r for r in requests if r.status == 200]
     arrivals = [(r.arrival, r.tokens if tokens else 1) for r in requests]
     print(f"machine: {machine()}")
     print(
