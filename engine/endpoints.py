@@ -134,6 +134,13 @@ class EndpointPool:
                 self._change.set_result(None)
             self._change = None
 
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per endpoint URL: attempts routed there, and outages (times it was found down)."""
+        return {
+            e.url: {"requests": e.chosen, "outages": e.health.outages, "down": int(e.health.down)}
+            for e in self.endpoints
+        }
+
     def __repr__(self) -> str:
         states = ", ".join(
             f"{e.url} {'down' if e.health.down else 'up'} {e.assigned}" for e in self.endpoints

@@ -106,6 +106,7 @@ async def run_job(
             shutdown = Shutdown(config.run.grace_s, scheduler.stop)
             task = asyncio.current_task()
             assert task is not None
+            stats.teacher_model = teacher.model
             with shutdown.installed(task):
                 try:
                     async with show_progress(config, stats, limiter, scheduler):
@@ -114,4 +115,8 @@ async def run_job(
                     if shutdown.signum is None:
                         raise
                     task.uncancel()  # our own doing: the writer has committed what finished
+                finally:
+                    stats.endpoints = teacher.endpoints.summary()
+                    stats.concurrency_at_end = limiter.concurrency
+                    stats.concurrency_cuts = limiter.adaptive.decreases
     return shutdown.exit_code

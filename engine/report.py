@@ -70,8 +70,15 @@ def build(
         "wall_time_s": round(wall, 3),
         "options": dict(options),
         "teacher": {
-            "model": config.teacher.model,
-            "endpoints": [_public_url(url) for url in config.teacher.urls],
+            "model": stats.teacher_model or config.teacher.model,
+            "endpoints": [_public_url(url) for url in stats.endpoints or config.teacher.urls],
+            # Per endpoint: requests routed there, outages, whether it was down at the end.
+            "by_endpoint": {_public_url(url): dict(e) for url, e in stats.endpoints.items()},
+            "concurrency": {
+                "max": config.limits.max_concurrency,
+                "at_end": stats.concurrency_at_end,
+                "cuts_on_429": stats.concurrency_cuts,
+            },
         },
         "types": {t: _type_entry(stats, t, out) for t in config.generation.types},
         "seed_file": {
@@ -181,12 +188,23 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  failed items: {sum(report['failed_items_by_kind'].values())}"
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
         f"  tokens: {tok['prompt']} in, {tok['completion']} out",
+        _teacher_line(report["teacher"]),
         f"  per minute: {rates['requests']:.0f} requests (cap {_cap(rates['requests_cap'])}), "
         f"{rates['tokens']:.0f} tokens (cap {_cap(rates['tokens_cap'])})",
         f"  wall time {duration(report['wall_time_s'])}; output in {files['output_dir']}",
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _teacher_line(teacher: Mapping[str, Any]) -> str:
+    outages = sum(e["outages"] for e in teacher["by_endpoint"].values())
+    limit = teacher["concurrency"]
+    return (
+        f"  teacher: {teacher['model'] or '?'} at {len(teacher['endpoints'])} endpoint(s), "
+        f"{outages} outage(s); in flight at most {limit['max']}, "
+        f"cut {limit['cuts_on_429']} time(s) on 429"
+    )
 
 
 def _reasons(requests: Mapping[str, Any]) -> str:

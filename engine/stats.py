@@ -33,6 +33,13 @@ class Stats:
     rejects: int = 0
     # Valid rows in the seed file, once counted (engine.progress); None until then.
     seed_rows: int | None = None
+    # The teacher as the run used it (the embedded one, when no endpoint was configured).
+    teacher_model: str = ""
+    # Per endpoint URL: requests routed there and times it was found down (engine.endpoints).
+    endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Requests allowed in flight at the end, and the cuts 429s made (engine.limits).
+    concurrency_at_end: int | None = None
+    concurrency_cuts: int = 0
 
     def unit_written(
         self, gen_type: str, records: int, judged_out: int, failure_kinds: Iterable[str]

@@ -365,6 +365,10 @@ async def test_real_embedded_teacher_end_to_end(
     settings = manifest["settings"]["document_based_qa"]
     assert (settings["model"], settings["structured_output"]) == (MODEL_ALIAS, "json_object")
     assert "tiny" in caplog.text and "TEACHER_MODEL_BASE_URL" in caplog.text
+    # The run report names the teacher actually used, not the empty configured one.
+    assert stats.teacher_model == MODEL_ALIAS
+    ((url, used),) = stats.endpoints.items()
+    assert url.startswith("http://127.0.0.1:") and used["requests"] == stats.requests_sent
     assert "embedded teacher ready" in caplog.text
     assert not [p for p in _children() if "engine.embedded" in p]
 

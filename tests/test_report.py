@@ -161,7 +161,14 @@ async def test_report_figures_of_a_scripted_run(tmp_path: Path) -> None:
         "progress": str(out / "progress.jsonl"),
         "report": str(out / "run_report.json"),
     }
-    assert got["teacher"] == {"model": "sim-teacher", "endpoints": [sim.base_url]}
+    cap = config.limits.max_concurrency
+    assert got["teacher"] == {
+        "model": "sim-teacher",
+        "endpoints": [sim.base_url],
+        "by_endpoint": {sim.base_url: {"requests": DISTINCT + RETRIED, "outages": 0, "down": 0}},
+        # 500s are retried but are not 429s: the concurrency was never cut.
+        "concurrency": {"max": cap, "at_end": cap, "cuts_on_429": 0},
+    }
     assert len((out / "failures.jsonl").read_bytes().splitlines()) == LOST
     assert not list(out.glob("*.tmp"))
 
@@ -199,6 +206,7 @@ async def test_cli_writes_the_report_and_prints_its_summary(tmp_path: Path) -> N
     assert f"run failed_items (exit 3): {LOST} items failed" in output
     assert f"requests: {DISTINCT + RETRIED} sent, {RETRIED} retried (500: {RETRIED})" in output
     assert f"report: {out / 'run_report.json'}" in output
+    assert "teacher: sim-teacher at 1 endpoint(s), 0 outage(s)" in output
     assert "Traceback" not in output
     assert KEY not in output and KEY.encode() not in (out / "run_report.json").read_bytes()
 
