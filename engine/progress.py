@@ -1,4 +1,7 @@
-"""Live progress: a rich display on a terminal, else a log line every ``run.progress_interval_s``.
+"""Live progress while a run goes: count the units, sample the figures on a timer, show them.
+
+On a terminal a rich live display (logging routed above it), else a log line every
+``run.progress_interval_s``; ``engine.progress_view`` turns the figures into text.
 
 Unit totals come from one streaming count pass over the seed file before the run (the same
 reader as the producer, about 400 MB/s: seconds for a corpus that takes a night). Counting as
@@ -23,14 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from engine.config import Config, LimitsConfig
+from engine.progress_view import Snapshot, TypeFigures, line, render
 from engine.seeds import SeedRow, read_seeds
 from engine.stats import Stats
 
@@ -41,7 +42,6 @@ PLAIN_SAMPLE_S = 1.0  # without a terminal: sample the rates every second, log e
 RATE_WINDOW_S = 60.0
 # Rates over a shorter span are mostly the limiter's start-up burst: not shown.
 MIN_RATE_SPAN_S = 10.0
-BAR_WIDTH = 30
 
 
 class InFlight(Protocol):
@@ -94,53 +94,6 @@ def count_units(
                 if not wanted(item.doc_id, gen_type):
                     skipped[gen_type] += 1
     return Totals(rows, skipped)
-
-
-@dataclass(frozen=True, slots=True)
-class TypeFigures:
-    gen_type: str
-    done: int  # finished by this run
-    skipped: int  # done before this run
-    total: int | None  # None: not counted
-
-    @property
-    def finished(self) -> int:
-        return self.done + self.skipped
-
-    @property
-    def remaining(self) -> int | None:
-        return None if self.total is None else max(0, self.total - self.finished)
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Every figure the display shows, at one moment."""
-
-    elapsed: float
-    types: tuple[TypeFigures, ...]
-    in_flight: int | None
-    concurrency: int | None
-    requests_per_minute: float | None  # over the last RATE_WINDOW_S; None before a sample
-    tokens_per_minute: float | None
-    rpm_cap: int  # 0: no cap
-    tpm_cap: int
-    retries: dict[str, int]
-    failures: dict[str, int]
-    cached: int
-    eta: float | None  # seconds; None while unknown
-
-    @property
-    def done(self) -> int:
-        return sum(t.done for t in self.types)
-
-    @property
-    def skipped(self) -> int:
-        return sum(t.skipped for t in self.types)
-
-    @property
-    def total(self) -> int | None:
-        totals = [t.total for t in self.types]
-        return None if None in totals else sum(t or 0 for t in totals)
 
 
 class RateWindow:
@@ -367,95 +320,6 @@ def _eta(types: Sequence[TypeFigures], elapsed: float) -> float | None:
         return 0.0
     done = sum(t.done for t in types)
     return left * elapsed / done if done and elapsed > 0 else None
-
-
-# --- rendering --------------------------------------------------------------------------
-
-
-def line(snap: Snapshot) -> str:
-    """The snapshot as one log line."""
-    per_type = ", ".join(f"{t.gen_type} {t.finished}/{_opt(t.total)}" for t in snap.types)
-    return (
-        f"progress: units {snap.done + snap.skipped}/{_opt(snap.total)}{_percent(snap)} "
-        f"(this run {snap.done}, done before {snap.skipped}): {per_type} | "
-        f"in flight {_opt(snap.in_flight)}/{_opt(snap.concurrency)} | "
-        f"requests/min {_rate(snap.requests_per_minute)}/{_cap(snap.rpm_cap)} | "
-        f"tokens/min {_rate(snap.tokens_per_minute)}/{_cap(snap.tpm_cap)} | "
-        f"retries {_by_key(snap.retries)} | failed items {_by_key(snap.failures)} | "
-        f"cached {snap.cached} | elapsed {duration(snap.elapsed)} | ETA {_eta_text(snap)}"
-    )
-
-
-def render(snap: Snapshot) -> RenderableType:
-    """The snapshot as a rich renderable: a table per type, then the request figures."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("type")
-    for name in ("done", "this run", "before"):
-        table.add_column(name, justify="right")
-    table.add_column("")
-    for t in snap.types:
-        table.add_row(
-            t.gen_type,
-            f"{t.finished}/{_opt(t.total)}",
-            str(t.done),
-            str(t.skipped),
-            _bar(t.finished, t.total),
-        )
-    lines = [
-        f"in flight {_opt(snap.in_flight)}/{_opt(snap.concurrency)}   "
-        f"requests/min {_rate(snap.requests_per_minute)} of {_cap(snap.rpm_cap)}   "
-        f"tokens/min {_rate(snap.tokens_per_minute)} of {_cap(snap.tpm_cap)}",
-        f"retries {_by_key(snap.retries)}   failed items {_by_key(snap.failures)}   "
-        f"cached replies {snap.cached}",
-        f"elapsed {duration(snap.elapsed)}   ETA {_eta_text(snap)}",
-    ]
-    return Group(table, *(Text(text) for text in lines))
-
-
-def _bar(finished: int, total: int | None) -> RenderableType:
-    if not total:
-        return Text("")
-    grid = Table.grid(padding=(0, 1))
-    grid.add_row(
-        ProgressBar(total=total, completed=finished, width=BAR_WIDTH),
-        f"{100 * finished / total:3.0f}%",
-    )
-    return grid
-
-
-def duration(seconds: float) -> str:
-    """H:MM:SS."""
-    whole = int(seconds)
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
-
-
-def _opt(value: int | None) -> str:
-    return "?" if value is None else str(value)
-
-
-def _percent(snap: Snapshot) -> str:
-    total = snap.total
-    return f" {100 * (snap.done + snap.skipped) / total:.0f}%" if total else ""
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _cap(cap: int) -> str:
-    return str(cap) if cap else "no cap"
-
-
-def _by_key(counts: Mapping[str, int]) -> str:
-    total = sum(counts.values())
-    if not total:
-        return "0"
-    parts = " ".join(f"{key}={n}" for key, n in sorted(counts.items()) if n)
-    return f"{total} ({parts})"
-
-
-def _eta_text(snap: Snapshot) -> str:
-    return "-" if snap.eta is None else duration(snap.eta)
 
 
 def _route_logging_through(console: Console) -> Callable[[], None]:

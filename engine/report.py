@@ -25,7 +25,7 @@ import orjson
 from engine import __version__
 from engine.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.config import Config
-from engine.progress import duration
+from engine.progress_view import duration
 from engine.stats import Stats
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,8 @@ from rich.console import Console
 
 from engine import progress
 from engine.config import Config, LimitsConfig, load_config
-from engine.progress import (
-    Progress,
-    RateWindow,
-    Totals,
-    count_units,
-    line,
-    render,
-    show_progress,
-)
+from engine.progress import Progress, RateWindow, Totals, count_units, show_progress
+from engine.progress_view import line, render
 from engine.seeds import doc_id_for
 from engine.stats import Stats
 from tests.clock import run_virtual
