@@ -23,18 +23,17 @@ from typing import Any
 import orjson
 import pytest
 
-from engine import embedded
+from engine import embedded, embedded_server
 from engine.config import Config, load_config
 from engine.embedded import (
     MODEL_ALIAS,
-    ServerProcess,
     check_installed,
     demo_config,
     free_port,
     model_file,
-    running_server,
     server_command,
 )
+from engine.embedded_server import ServerProcess, running_server
 from engine.errors import ConfigError, EmbeddedTeacherError, FatalRunError
 from engine.job import run_job
 from engine.stats import Stats
@@ -94,7 +93,7 @@ def test_free_port_is_a_bindable_loopback_port() -> None:
 
 def test_server_command_runs_the_wrapper_with_the_model_alias_and_gemma_format() -> None:
     command = server_command(Path("/models/g.gguf"), 4321, threads=3)
-    assert command[:3] == [sys.executable, "-m", "engine.embedded"]
+    assert command[:3] == [sys.executable, "-m", "engine.embedded_server"]
     options = dict(zip(command[3::2], command[4::2], strict=True))
     assert options == {
         "--model": "/models/g.gguf",
@@ -252,7 +251,7 @@ async def test_the_server_is_up_inside_the_block_and_gone_after_it() -> None:
 async def test_a_server_ignoring_sigterm_is_killed_with_its_whole_process_group(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(embedded, "STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(embedded_server, "STOP_GRACE_S", 0.5)
     port = free_port()
     async with running_server(fake_server(port, "stubborn"), f"http://127.0.0.1:{port}/v1") as s:
         grandchild = int(s.tail().split("grandchild ")[1].split()[0])
@@ -289,7 +288,7 @@ def test_the_server_wrapper_exits_when_the_engine_is_gone() -> None:
     """Even a SIGKILLed engine leaves no server: the wrapper exits when its stdin closes."""
     script = (
         "import threading, time\n"
-        "from engine.embedded import _exit_when_parent_gone\n"
+        "from engine.embedded_server import _exit_when_parent_gone\n"
         "threading.Thread(target=_exit_when_parent_gone, daemon=True).start()\n"
         "time.sleep(120)\n"
     )
@@ -370,7 +369,7 @@ async def test_real_embedded_teacher_end_to_end(
     ((url, used),) = stats.endpoints.items()
     assert url.startswith("http://127.0.0.1:") and used["requests"] == stats.requests_sent
     assert "embedded teacher ready" in caplog.text
-    assert not [p for p in _children() if "engine.embedded" in p]
+    assert not [p for p in _children() if "engine.embedded_server" in p]
 
 
 def _children() -> list[str]:
