@@ -13,13 +13,14 @@ import asyncio
 import logging
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from engine import __version__, report
 from engine.config import Config, load_config
 from engine.errors import ConfigError, FatalRunError
 from engine.job import check_paths, run_job
-from engine.plan import DEFAULT_LATENCY_S, format_plan, make_plan
+from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
 from engine.report import Outcome
 from engine.seeds import Reject, read_seeds
 from engine.stats import Stats
@@ -125,6 +126,9 @@ def _positive_seconds(text: str) -> float:
 
 
 def _plan(config: Config, latency_s: float, *, fresh: bool) -> int:
+    config, note = as_run(config)
+    if note:
+        print(textwrap.fill(note, 96, subsequent_indent="  ") + "\n")
     print(format_plan(make_plan(config, fresh=fresh), config, latency_s))
     return EXIT_OK
 

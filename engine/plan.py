@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.checkpoint import UnitSet, read_checkpoint
 from engine.config import Config, LimitsConfig
+from engine.embedded import demo_config
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.flows.base import StagePlan
@@ -63,6 +64,22 @@ def _sum(name: str, parts: Iterable[StagePlan]) -> StagePlan:
     for part in parts:
         total += part
     return dataclasses.replace(total, assumes="")
+
+
+def as_run(config: Config) -> tuple[Config, str]:
+    """The config a run would use, and a note when it is not ``config`` itself: with no
+    endpoint, the embedded demo teacher at its scaled-down settings."""
+    if config.teacher.mode != "embedded":
+        return config, ""
+    demo, changes = demo_config(config, EMBEDDED_PLACEHOLDER_URL)
+    return demo, (
+        f"no teacher endpoint: planned for the embedded demo teacher, with the {len(changes)} "
+        "settings it scales down (a run logs each of them)"
+    )
+
+
+# Where the embedded server would listen is decided when it starts; the plan needs none.
+EMBEDDED_PLACEHOLDER_URL = "http://127.0.0.1/v1"
 
 
 def make_plan(config: Config, *, fresh: bool = False) -> Plan:

@@ -14,11 +14,20 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.config import GEN_TYPES, Config, LimitsConfig
+from engine.config import GEN_TYPES, Config, LimitsConfig, load_config
+from engine.embedded import demo_config
 from engine.flows import build_flows
 from engine.flows.base import StagePlan, assumed_reply
 from engine.job import run_job
-from engine.plan import Pace, Plan, _clock, format_plan, make_plan
+from engine.plan import (
+    EMBEDDED_PLACEHOLDER_URL,
+    Pace,
+    Plan,
+    _clock,
+    as_run,
+    format_plan,
+    make_plan,
+)
 from engine.seeds import SeedRow, doc_id_for
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
@@ -242,6 +251,29 @@ def test_make_plan_skips_units_already_done_unless_fresh(tmp_path: Path) -> None
     assert make_plan(config, fresh=True).total() == full.total()
     # Read only: a run's resume would cut the half-written unit; a plan leaves it.
     assert (out / facts / "gen.jsonl").read_bytes() == b'{"half": "written"}\n'
+
+
+def test_without_an_endpoint_the_plan_is_for_the_embedded_demo_run(tmp_path: Path) -> None:
+    seeds = seed_file(tmp_path / "seeds.jsonl", 2)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[input]\nseeds = "{seeds}"\n[output]\ndir = "{tmp_path / "out"}"\n')
+    config = load_config(toml, environ={}, dotenv_path=tmp_path / "none")
+    assert config.teacher.mode == "embedded"
+
+    planned, note = as_run(config)
+
+    assert "embedded demo teacher" in note
+    assert planned == demo_config(config, EMBEDDED_PLACEHOLDER_URL)[0]
+    plan = make_plan(planned)
+    # Demo fan-out, per row: 2 summaries, 2 questions, 2 answers for each summary type;
+    # 1 key-facts request and 2 Q&A; 1 questions request and 2 answers; all with n=1.
+    assert plan.total().requests == 2 * (6 + 6 + 3 + 3)
+    assert plan.total().choices == plan.total().requests
+
+
+def test_with_an_endpoint_the_plan_is_for_the_config_as_it_is(tmp_path: Path) -> None:
+    config = file_config(tmp_path)
+    assert as_run(config) == (config, "")
 
 
 # --- duration -----------------------------------------------------------------------------
