@@ -11,12 +11,8 @@ import pytest
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from engine.simulator import (
-    RunningSimulator,
-    SimulatorConfig,
-    instance_for_schema,
-    running_simulator,
-)
+from engine.schema_instance import instance_for_schema
+from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
 
 
 class Source(BaseModel):
