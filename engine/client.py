@@ -221,14 +221,20 @@ class HTTPTeacher:
             self.endpoints.settle(passage)
         try:
             reply = self._reply(passage.endpoint.url, status, headers, raw)
-        except EngineError:
+        except EngineError as err:
             if status == HTTPStatus.TOO_MANY_REQUESTS:
-                lease.throttled()  # fewer requests in flight, for a while
+                # Fewer requests in flight for a while, and none sent until Retry-After.
+                lease.throttled(self._quiet_after(err))
             else:
                 lease.answered(0)
             raise
         lease.answered(reply.usage.prompt_tokens + reply.usage.completion_tokens)
         return _Received(reply, raw)
+
+    def _quiet_after(self, err: EngineError) -> float | None:
+        """The Retry-After of a 429, capped like the retry's own wait."""
+        seconds = err.retry_after if isinstance(err, RetryableError) else None
+        return None if seconds is None else min(seconds, self._retry.retry_after_max_s)
 
     async def _post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
         """The HTTP exchange itself; aiohttp's exceptions end here."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -117,14 +117,16 @@ class Lease:
     reserved_tokens: int
     round: int
 
-    def throttled(self) -> None:
-        """The endpoint answered 429."""
+    def throttled(self, retry_after: float | None = None) -> None:
+        """The endpoint answered 429, asking for ``retry_after`` seconds of quiet (if given)."""
         if self.limiter.adaptive.throttled(self.round):
             log.warning(
                 "teacher answered 429: requests in flight cut to %d (of %d)",
                 self.limiter.adaptive.limit,
                 self.limiter.max_concurrency,
             )
+        if retry_after:
+            self.limiter.hold(retry_after)
 
     def answered(self, used_tokens: int) -> None:
         """Any other reply; ``used_tokens`` from its usage (0 when the server sent none)."""
@@ -143,7 +145,12 @@ class RequestLimiter:
     """
 
     def __init__(
-        self, requests_per_minute: int, max_concurrency: int, tokens_per_minute: int = 0
+        self,
+        requests_per_minute: int,
+        max_concurrency: int,
+        tokens_per_minute: int = 0,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if requests_per_minute < 1 or max_concurrency < 1 or tokens_per_minute < 0:
             raise ValueError("requests_per_minute and max_concurrency must be >= 1")
@@ -155,6 +162,8 @@ class RequestLimiter:
         self._pace = _bucket(requests_per_minute)
         self._held = 0  # slots taken, including requests still waiting for pacing
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resume_at = 0.0  # loop time before which nothing new is sent (after a 429)
+        self._sleep = sleep
         self.in_flight = 0
 
     @property
@@ -162,11 +171,20 @@ class RequestLimiter:
         """Requests allowed in flight right now (below ``max_concurrency`` after 429s)."""
         return self.adaptive.limit
 
+    def hold(self, seconds: float) -> None:
+        """Send nothing new for ``seconds``: a rate limit's Retry-After is about the whole
+        account, not the one request that got it, and every request sent meanwhile would
+        only be turned away too."""
+        self._resume_at = max(self._resume_at, asyncio.get_running_loop().time() + seconds)
+
     @asynccontextmanager
     async def slot(self, tokens: int = 0) -> AsyncIterator[Lease]:
         """Hold a slot for one request that may use up to ``tokens`` tokens."""
         await self._take()
         try:
+            quiet = self._resume_at - asyncio.get_running_loop().time()
+            if quiet > 0:
+                await self._sleep(quiet)
             await self._pace.acquire()
             if self.tokens is not None and tokens > 0:
                 await self.tokens.reserve(tokens)

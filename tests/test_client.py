@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random
@@ -73,9 +74,13 @@ def retry_config() -> RetryConfig:
     return RetryConfig(max_attempts=4)
 
 
+async def _no_quiet(seconds: float) -> None:
+    """The limiter's pause after a 429, skipped: these tests check the client, not the wait."""
+
+
 @pytest.fixture
 def limiter() -> RequestLimiter:
-    return RequestLimiter(requests_per_minute=100000, max_concurrency=4)
+    return RequestLimiter(requests_per_minute=100000, max_concurrency=4, sleep=_no_quiet)
 
 
 @pytest.fixture
@@ -284,6 +289,20 @@ async def test_429_cuts_the_concurrency_and_success_grows_it_back(
     await client.complete(REQUEST)  # two successes at a limit of 2: one step back up
 
     assert limiter.concurrency == 3
+
+
+async def test_429_with_retry_after_asks_the_limiter_for_quiet(
+    client: HTTPTeacher, mocked: aioresponses, limiter: RequestLimiter
+) -> None:
+    mocked.post(ENDPOINT, status=429, headers={"Retry-After": "7"})
+    mocked.post(ENDPOINT, status=429, headers={"Retry-After": "7200"})  # capped: 120 s
+    mocked.post(ENDPOINT, payload=reply())
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+
+    await client.complete(REQUEST)
+
+    assert before + 120 <= limiter._resume_at <= loop.time() + 120
 
 
 async def test_other_errors_leave_the_concurrency_alone(

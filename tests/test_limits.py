@@ -359,3 +359,28 @@ def test_cancelling_every_waiter_at_once_leaves_the_limiter_consistent() -> None
 async def _timed(coro: Coroutine[Any, Any, None]) -> float:
     await coro
     return asyncio.get_running_loop().time()
+
+
+def test_a_429_with_retry_after_holds_new_requests_until_then() -> None:
+    limiter = RequestLimiter(1_000_000, 8)
+
+    async def scenario() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        async with limiter.slot() as lease:
+            pass
+        lease.throttled(retry_after=5.0)  # at t=0: quiet until t=5
+        async with limiter.slot():
+            held = loop.time()
+        lease.throttled()  # no Retry-After: no pause
+        async with limiter.slot():
+            free = loop.time()
+        limiter.hold(3.0)
+        lease.throttled(retry_after=1.0)  # a shorter pause never cuts a longer one short
+        async with limiter.slot():
+            longest = loop.time()
+        return held, free - held, longest - free
+
+    held, free, longest = run_virtual(scenario())
+    assert 5.0 <= held < 5.01
+    assert free < 0.01
+    assert 3.0 <= longest < 3.01
