@@ -153,7 +153,9 @@ class RequestLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if requests_per_minute < 1 or max_concurrency < 1 or tokens_per_minute < 0:
-            raise ValueError("requests_per_minute and max_concurrency must be >= 1")
+            raise ValueError(
+                "requests_per_minute and max_concurrency must be >= 1, tokens_per_minute >= 0"
+            )
         self.requests_per_minute = requests_per_minute
         self.max_concurrency = max_concurrency
         self.tokens_per_minute = tokens_per_minute
