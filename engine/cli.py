@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from engine import __version__, report
 from engine.config import Config, load_config
+from engine.embedded import check_installed
 from engine.errors import ConfigError, FatalRunError
 from engine.job import check_paths, run_job
 from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
@@ -203,6 +204,13 @@ def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
 
 def _validate(config: Config) -> int:
     check_paths(config)
+    teacher = config.teacher
+    if teacher.mode == "embedded":
+        check_installed()  # a missing extra is found now, not when the run starts
+        print("teacher: none set: the embedded demo teacher (a tiny local model) would run")
+    else:
+        urls = ", ".join(report.public_url(url) for url in teacher.urls)
+        print(f"teacher: {teacher.model} at {urls} (not contacted)")
     good = rejected = 0
     for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):

@@ -71,9 +71,9 @@ def build(
         "options": dict(options),
         "teacher": {
             "model": stats.teacher_model or config.teacher.model,
-            "endpoints": [_public_url(url) for url in stats.endpoints or config.teacher.urls],
+            "endpoints": [public_url(url) for url in stats.endpoints or config.teacher.urls],
             # Per endpoint: requests routed there, outages, whether it was down at the end.
-            "by_endpoint": {_public_url(url): dict(e) for url, e in stats.endpoints.items()},
+            "by_endpoint": {public_url(url): dict(e) for url, e in stats.endpoints.items()},
             "concurrency": {
                 "max": config.limits.max_concurrency,
                 "at_end": stats.concurrency_at_end,
@@ -225,7 +225,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def _public_url(url: str) -> str:
+def public_url(url: str) -> str:
     """``url`` without user info, query or fragment: where credentials could hide."""
     parts = urlsplit(url)
     host = parts.hostname or ""
