@@ -192,18 +192,24 @@ class HTTPTeacher:
     async def _attempt(self, token: object, body: bytes, budget: int) -> _Received:
         """One attempt, in a limiter slot, to the endpoint the pool picks then."""
         while True:
-            await self.endpoints.ready()  # before the slot: waiting out an outage holds none
-            async with self._limiter.slot(budget) as lease:
-                passage = self.endpoints.route(token)
-                if passage is None:
-                    continue  # all went down while this waited for its slot
-                try:
-                    return await self._exchange(passage, lease, body)
-                except RetryableError as err:
-                    if passage.endpoint.health.down and _unreachable(err):
-                        self._stats.retries[_reason(err)] += 1
-                        raise _EndpointDown from err
-                    raise
+            # Before the slot: waiting out an outage holds none.
+            probe = await self.endpoints.ready()
+            try:
+                async with self._limiter.slot(budget) as lease:
+                    passage = self.endpoints.route(token, probe)
+                    probe = None  # the passage settles it from here
+                    if passage is None:
+                        continue  # all went down while this waited for its slot
+                    try:
+                        return await self._exchange(passage, lease, body)
+                    except RetryableError as err:
+                        if passage.endpoint.health.down and _unreachable(err):
+                            self._stats.retries[_reason(err)] += 1
+                            raise _EndpointDown from err
+                        raise
+            finally:
+                if probe is not None:  # cancelled before it could be sent
+                    self.endpoints.release(probe)
 
     async def _exchange(self, passage: Passage, lease: Lease, body: bytes) -> _Received:
         """Send ``body`` to ``passage.endpoint``; the reply, or the engine error saying what

@@ -7,9 +7,10 @@ pauses, while the others carry on; its first answered probe brings it back. Only
 endpoint is down do attempts wait here, and if none has answered for ``give_up_s`` they get
 ``EndpointDown`` and the run stops, resumable.
 
-An attempt waits for a routable endpoint (``ready``) before it takes a limiter slot, so a
-request waiting out an outage holds no concurrency slot and spends no rate budget; it is
-routed (``route``) once it has its slot, so "least loaded" is judged when it is sent.
+An attempt waits for a usable endpoint (``ready``) before it takes a limiter slot, so a
+request waiting out an outage holds no concurrency slot and spends no rate budget (while all
+are down, only the one probe due goes on); it is routed (``route``) once it has its slot, so
+"least loaded" is judged when it is sent.
 """
 
 from __future__ import annotations
@@ -77,22 +78,37 @@ class EndpointPool:
     def outages(self) -> int:
         return sum(e.health.outages for e in self.endpoints)
 
-    async def ready(self) -> None:
-        """Return once an attempt can be routed: an endpoint is up or a probe is due.
+    async def ready(self) -> Endpoint | None:
+        """Return once an attempt can go out.
 
-        Raises ``EndpointDown`` when every endpoint has been down for ``give_up_s``.
+        While an endpoint is up, at once, with None: ``route`` picks the endpoint when the
+        attempt has its slot. While all are down, when a probe is due, with the endpoint this
+        attempt is to probe, claimed for it alone (pass it to ``route``, or ``release`` it):
+        the other waiters stay here rather than queue for slots they could not use. Raises
+        ``EndpointDown`` when every endpoint has been down for ``give_up_s``.
         """
-        while not self._routable(_now()):
-            await self._wait(_now())
+        while True:
+            now = _now()
+            if any(not e.health.down for e in self.endpoints):
+                return None
+            due = next((e for e in self.endpoints if e.health.probe_due(now)), None)
+            if due is not None:
+                due.health.probing = True
+                return due
+            await self._wait(now)
 
-    def route(self, request: object) -> Passage | None:
+    def route(self, request: object, probe: Endpoint | None = None) -> Passage | None:
         """The endpoint for one attempt of ``request`` (any object naming it across its
-        attempts), or None if none can take it now; ``settle`` it when it is over."""
-        now = _now()
-        # Probes first: a replica that is back rejoins even while the others carry all.
-        probe = next((e for e in self.endpoints if e.health.probe_due(now)), None)
+        attempts): ``probe`` if the attempt claimed one, else a due probe, else the least
+        loaded healthy endpoint; None if none can take it now. ``settle`` it when it is over.
+        """
+        if probe is None:
+            now = _now()
+            # Probes first: a replica that is back rejoins even while the others carry all.
+            probe = next((e for e in self.endpoints if e.health.probe_due(now)), None)
+            if probe is not None:
+                probe.health.probing = True
         if probe is not None:
-            probe.health.probing = True
             chosen = probe
         else:
             up = [e for e in self.endpoints if not e.health.down]
@@ -103,15 +119,17 @@ class EndpointPool:
         chosen.chosen += 1
         return Passage(chosen, request, probe is not None)
 
+    def release(self, probe: Endpoint) -> None:
+        """A probe claimed by ``ready`` that will not be sent (its attempt was cancelled)."""
+        probe.health.probing = False
+        self._changed()
+
     def settle(self, passage: Passage) -> None:
         """Record the attempt's outcome in its endpoint's health."""
         endpoint = passage.endpoint
         endpoint.assigned -= 1
         endpoint.health.record(passage.request, passage.outcome, probe=passage.probe, now=_now())
         self._changed()
-
-    def _routable(self, now: float) -> bool:
-        return any(not e.health.down or e.health.probe_due(now) for e in self.endpoints)
 
     async def _wait(self, now: float) -> None:
         """Every endpoint is down: wait for a probe to settle or the next one to be due."""

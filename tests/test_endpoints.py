@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.client import HTTPTeacher
+from engine.endpoints import EndpointPool
 from engine.errors import EndpointDown, TeacherConnectionError
 from engine.job import run_job
+from engine.outage import Outcome
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Message
@@ -200,3 +202,24 @@ async def test_one_of_two_real_servers_stopping_mid_run_loses_nothing(tmp_path: 
     assert_complete_output(tmp_path)
     assert sum(stats.failures.values()) == 0
     assert after > 10  # the other carried the rest
+
+
+def test_a_claimed_probe_that_is_not_sent_passes_to_the_next_waiter() -> None:
+    pool = EndpointPool(["http://a.test/v1"], threshold=1, probe_base_s=1, probe_max_s=8,
+                        give_up_s=300)  # fmt: skip
+
+    async def scenario() -> tuple[bool, bool]:
+        first = pool.route("request 1")
+        assert first is not None
+        first.outcome = Outcome.UNREACHABLE
+        pool.settle(first)  # down now; a probe is due in 1 s
+        claimed = await pool.ready()
+        assert claimed is pool.endpoints[0] and claimed.health.probing
+        second = asyncio.ensure_future(pool.ready())
+        await asyncio.sleep(5)
+        waited = not second.done()  # the probe is claimed: nobody else goes on
+        pool.release(claimed)  # e.g. its request was cancelled while waiting for a slot
+        return waited, await second is claimed
+
+    waited, handed_on = run_virtual(scenario())
+    assert waited and handed_on

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from engine.client import HTTPTeacher
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import EndpointDown, RetriesExhausted, TeacherConnectionError
 from engine.job import run_job
-from engine.limits import RequestLimiter
+from engine.limits import Lease, RequestLimiter
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Message
@@ -222,3 +223,39 @@ def test_waiting_out_an_outage_spends_no_rate_budget() -> None:
     # 250 requests left at 10 a second take 25 s; the last probe may come up to 30 s late.
     assert ended[0] < outage[1] + 30 + 25 + 10, ended
     assert stats.requests_sent < 300 + 32 + 20
+
+
+class CountingLimiter(RequestLimiter):
+    """Counts the slots taken (each also spends rate budget)."""
+
+    slots_taken = 0
+
+    def slot(self, tokens: int = 0) -> AbstractAsyncContextManager[Lease]:
+        self.slots_taken += 1
+        return super().slot(tokens)
+
+
+def test_while_the_endpoint_is_down_only_the_probe_takes_a_slot() -> None:
+    outage = (5.0, 600.0)
+    endpoint = FakeEndpoint(lambda now: outage[0] <= now < outage[1])
+    teacher, _ = make_teacher(endpoint)
+    # A rate cap, so that a slot can take a while to get: waiters racing for the probe
+    # would each take one.
+    limiter = CountingLimiter(requests_per_minute=600, max_concurrency=32)
+    teacher._limiter = limiter
+    taken_during: list[int] = []
+
+    async def scenario() -> list[ChatReply | BaseException]:
+        task = asyncio.ensure_future(_send_all(teacher, 1000))
+        await asyncio.sleep(outage[0] + 60)  # down, and known to be down, for a while
+        before = limiter.slots_taken
+        await asyncio.sleep(400)
+        taken_during.append(limiter.slots_taken - before)
+        return await task
+
+    results = run_virtual(scenario())
+    assert [r for r in results if not isinstance(r, ChatReply)] == []
+    # 400 s of outage: probes every 30 s at most, one slot each. (Were every waiter woken
+    # to compete for each probe, they would queue at the rate cap for slots they could not
+    # use: 4,214 slots in this window, before the probe was claimed in ``ready``.)
+    assert taken_during[0] <= 400 / 30 + 2, taken_during
