@@ -10,13 +10,21 @@ from typing import Any, Protocol
 
 # Tokenizers differ by model and the engine has none: about 4 characters of English text per
 # token, plus the chat template's few tokens per message, errs slightly high, as a budget should.
-_CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 
 
 def estimate_tokens(text: str) -> int:
-    """A tokenizer-free estimate of the tokens in ``text`` (rounded up)."""
-    return -(-len(text) // _CHARS_PER_TOKEN)
+    """A tokenizer-free estimate of the tokens in ``text`` (rounded up).
+
+    ASCII text: one token per ``CHARS_PER_TOKEN`` characters. Other scripts are far denser
+    (CJK is about a token per character), so each non-ASCII character counts as a token:
+    high for accented or Cyrillic text, which is the safe side for a budget.
+    """
+    if text.isascii():
+        return -(-len(text) // CHARS_PER_TOKEN)
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return -(-ascii_chars // CHARS_PER_TOKEN) + len(text) - ascii_chars
 
 
 @dataclass(frozen=True, slots=True)

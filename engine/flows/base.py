@@ -9,11 +9,9 @@ from typing import Any, Protocol
 
 from engine.errors import ItemError
 from engine.seeds import SeedRow
-from engine.teacher import ChatRequest
+from engine.teacher import CHARS_PER_TOKEN, ChatRequest
 
 BODY_EXCERPT_CHARS = 300
-# The inverse of engine.teacher.estimate_tokens: characters that count as one token.
-CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True, slots=True)
