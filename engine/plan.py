@@ -160,10 +160,11 @@ ASSUMPTIONS = (
     'Where a count depends on replies ("assumes"), the teacher returns as many items as it '
     "is asked for (facts, questions, pairs).",
     "* Completion tokens are an upper bound: max_tokens for every choice.",
-    "Prompt tokens are estimated from the prompts the run would send (about 4 characters per "
-    "token, plus 4 per message). A prompt that quotes an earlier reply (summary, question, "
-    "fact, answer) assumes that reply filled its max_tokens, shared evenly by a list's "
-    "items, none longer than its chunk: an upper bound as well.",
+    "Prompt tokens are estimated from the prompts the run would send (4 characters per "
+    "token, a non-ASCII character as one, plus 4 per message). A prompt that quotes an "
+    "earlier reply (summary, question, fact, answer) assumes that reply filled its "
+    "max_tokens, shared evenly by a list's items, none longer than its chunk: an upper "
+    "bound as well.",
     "Duration: every request takes the latency whatever its n; the token limit is applied "
     "to the upper bound of tokens per request.",
 )
