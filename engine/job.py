@@ -68,15 +68,23 @@ async def run_job(
     lack. Returns the exit code a signal asked for (130/143), or None when the run went to
     its end.
     """
-    out_dir: Path = config.output.dir
     if fresh:
-        manifest.move_aside(out_dir)
+        manifest.move_aside(config.output.dir)
     check_paths(config)
-    if config.teacher.mode == "embedded":
-        # The whole run against the local demo server, with the config it yields (mode
-        # "http"), so that the manifest records the settings actually used.
-        async with embedded_teacher(config) as served:
-            return await run_job(served, stats, force=force, cache=cache, retry_failed=retry_failed)
+    options = {"force": force, "cache": cache, "retry_failed": retry_failed}
+    if config.teacher.mode != "embedded":
+        return await _generate(config, stats, **options)
+    # The whole run against the local demo server, with the config it yields (mode "http"),
+    # so that the manifest records the settings actually used.
+    async with embedded_teacher(config) as served:
+        return await _generate(served, stats, **options)
+
+
+async def _generate(
+    config: Config, stats: Stats, *, force: bool, cache: bool, retry_failed: bool
+) -> int | None:
+    """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
+    out_dir: Path = config.output.dir
     checkpoint = load_checkpoint(out_dir)
     manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
     types = list(config.generation.types)
