@@ -19,7 +19,7 @@ from engine.flows import build_flows
 from engine.limits import RequestLimiter
 from engine.progress import show_progress
 from engine.scheduler import Scheduler
-from engine.seeds import read_seeds
+from engine.seeds import read_seeds, seed_file_problem
 from engine.shutdown import Shutdown
 from engine.stats import Stats
 from engine.writer import OutputWriter
@@ -30,11 +30,8 @@ log = logging.getLogger(__name__)
 def check_paths(config: Config) -> None:
     """Fail before any request if the seeds cannot be read or the output cannot be written."""
     problems = []
-    seeds = config.input.seeds
-    if not seeds.is_file():
-        problems.append(
-            f"input.seeds: no such file: {seeds} (set input.seeds to your seed_data.jsonl)"
-        )
+    if problem := seed_file_problem(config.input.seeds):
+        problems.append(problem)
     out_dir = config.output.dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

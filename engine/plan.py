@@ -19,7 +19,7 @@ from engine.embedded import demo_config
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.flows.base import StagePlan
-from engine.seeds import Reject, read_seeds
+from engine.seeds import Reject, read_seeds, seed_file_problem
 from engine.teacher import ChatReply, ChatRequest
 
 DEFAULT_LATENCY_S = 5.0
@@ -88,10 +88,8 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
     Raises ``ConfigError`` when the seed file is missing.
     """
     seeds = config.input.seeds
-    if not seeds.is_file():
-        raise ConfigError(
-            [f"input.seeds: no such file: {seeds} (set input.seeds to your seed_data.jsonl)"]
-        )
+    if problem := seed_file_problem(seeds):
+        raise ConfigError([problem])
     done = UnitSet() if fresh else read_checkpoint(config.output.dir).done
     flows = build_flows(config, _Offline())
     plan = Plan(stages={gen_type: {} for gen_type in flows})

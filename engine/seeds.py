@@ -64,6 +64,13 @@ def doc_id_for(document: str) -> str:
     return hashlib.sha256(document.encode("utf-8")).hexdigest()[:DOC_ID_CHARS]
 
 
+def seed_file_problem(path: Path) -> str:
+    """What keeps ``path`` from being read as the seed file, as a config problem; "" if none."""
+    if path.is_file():
+        return ""
+    return f"input.seeds: no such file: {path} (set input.seeds to your seed_data.jsonl)"
+
+
 def read_seeds(path: Path, max_document_chars: int) -> Iterator[SeedRow | Reject]:
     """Yield each line of ``path`` as a ``SeedRow`` or a ``Reject`` saying what is wrong."""
     first_seen: dict[int, int] = {}
