@@ -110,9 +110,20 @@ class RetriesExhausted(ItemError):
 
 
 class InvalidReply(ItemError):
-    """The teacher's reply did not parse or validate against the stage's schema."""
+    """The teacher's reply did not parse or validate against the stage's schema.
+
+    ``check`` names what the reply failed, as a stable short code for counting and grouping
+    (``no_json``, ``schema``, ``cut_off``, ``no_choices``, ``duplicate``, ...); the message
+    says the details.
+    """
 
     kind = "invalid_reply"
+
+    def __init__(
+        self, message: str, *, check: str = "schema", body: str = "", attempts: int = 1
+    ) -> None:
+        self.check = check
+        super().__init__(message, body=body, attempts=attempts)
 
 
 class EndpointDown(FatalRunError):

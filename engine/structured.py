@@ -160,7 +160,9 @@ def parse_reply(text: str, model: type[T]) -> T:
             first_error = first_error or err
     excerpt = text[:EXCERPT_CHARS]
     if first_error is None:
-        raise InvalidReply(f"no JSON value in the reply ({len(text)} chars)", body=excerpt)
+        raise InvalidReply(
+            f"no JSON value in the reply ({len(text)} chars)", check="no_json", body=excerpt
+        )
     raise InvalidReply(
         f"reply does not match {model.__name__}: {_describe(first_error)}", body=excerpt
     )

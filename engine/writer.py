@@ -173,6 +173,7 @@ def _failure_line(seed: SeedRow, gen_type: str, failure: Failure) -> bytes:
         "stage": failure.stage,
         "item": failure.item,
         "kind": failure.kind,
+        "check": failure.check,
         "status": failure.status,
         "attempts": failure.attempts,
         "message": failure.message,

@@ -230,6 +230,7 @@ async def test_invalid_reply_is_retried_then_recorded_with_attempts() -> None:
     )
     assert failure.attempts == 3
     assert failure.body_excerpt == "Sorry, I can't produce JSON today."
+    assert failure.check == "no_json"
     retried = [r for r in teacher.sent("/questions") if "r1c1.summary" in last_user_text(r)]
     assert len(retried) == 3
     assert "rejected" not in last_user_text(retried[0])

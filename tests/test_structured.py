@@ -75,6 +75,8 @@ def test_parse_reply_rejects(text: str, model: type[BaseModel], reason: str) -> 
     assert reason in str(caught.value)
     assert caught.value.kind == "invalid_reply"
     assert caught.value.body == text[:300]
+    # The stable code the failure is counted and grouped by.
+    assert caught.value.check == ("no_json" if "no JSON" in reason else "schema")
 
 
 def test_invalid_reply_body_is_a_short_excerpt() -> None:

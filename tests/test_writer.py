@@ -37,7 +37,10 @@ def unit(text: str, gen_type: str, pairs: int, failures: int = 0) -> UnitDone:
         )
         for i in range(pairs)
     ]
-    lost = [Failure("answer", f"question {i}", "invalid_reply", "bad") for i in range(failures)]
+    lost = [
+        Failure("answer", f"question {i}", "invalid_reply", "bad", check="no_json")
+        for i in range(failures)
+    ]
     return UnitDone(row, gen_type, UnitResult(records=records, failures=lost))
 
 
@@ -68,6 +71,7 @@ async def test_units_rejects_and_failures_land_in_their_files(tmp_path: Path) ->
     assert len(lines(tmp_path / "document_based_qa/gen.jsonl")) == 2
     [failure] = lines(tmp_path / "failures.jsonl")
     assert failure["gen_type"] == "document_based_qa" and failure["kind"] == "invalid_reply"
+    assert failure["check"] == "no_json"
     assert lines(tmp_path / "rejects.jsonl") == [{"line": 7, "reason": "blank line", "excerpt": ""}]
     assert [p["records"] for p in lines(tmp_path / PROGRESS_FILE)] == [3, 2]
     assert stats.records == {"extractive_summary": 3, "document_based_qa": 2}

@@ -167,7 +167,9 @@ class Asker:
             problem = round_problem
             bad_rounds += 1
             if bad_rounds >= self.attempts:
-                error = InvalidReply(str(problem), body=problem.body, attempts=bad_rounds)
+                error = InvalidReply(
+                    str(problem), check=problem.check, body=problem.body, attempts=bad_rounds
+                )
                 return Lost(tuple(missing), error)
 
     def _take(
@@ -179,7 +181,9 @@ class Asker:
         check: Check[T],
     ) -> InvalidReply | None:
         """Hand each valid choice to the next missing slot; return the last problem seen."""
-        problem = None if reply.choices else InvalidReply("the reply had no choices")
+        problem = None
+        if not reply.choices:
+            problem = InvalidReply("the reply had no choices", check="no_choices")
         model = reply.model or self.teacher.model
         for choice in reply.choices[: len(missing)]:
             try:
@@ -198,12 +202,14 @@ def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
     except InvalidReply as err:
         if choice.finish_reason == "length":
             raise InvalidReply(
-                f"cut off at max_tokens={ask.max_tokens}: {err}", body=err.body
+                f"cut off at max_tokens={ask.max_tokens}: {err}", check="cut_off", body=err.body
             ) from err
         raise
     reason = check(value)
     if reason:
-        raise InvalidReply(reason, body=choice.content[: structured.EXCERPT_CHARS])
+        raise InvalidReply(
+            reason, check="duplicate", body=choice.content[: structured.EXCERPT_CHARS]
+        )
     return value
 
 

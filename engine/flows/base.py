@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engine.errors import ItemError
+from engine.errors import InvalidReply, ItemError
 from engine.seeds import SeedRow
 from engine.teacher import CHARS_PER_TOKEN, ChatRequest
 
@@ -25,6 +25,8 @@ class Failure:
     status: int | None = None
     attempts: int = 1
     body_excerpt: str = ""
+    # For an invalid reply, what it failed (``InvalidReply.check``); "" otherwise.
+    check: str = ""
     at: float = field(default_factory=time.time)
 
     @classmethod
@@ -37,6 +39,7 @@ class Failure:
             status=err.status,
             attempts=err.attempts,
             body_excerpt=err.body[:BODY_EXCERPT_CHARS],
+            check=err.check if isinstance(err, InvalidReply) else "",
         )
 
 
