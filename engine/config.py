@@ -213,6 +213,38 @@ class GenerationConfig(_Section):
         return self
 
 
+class QualityConfig(_Section):
+    """Content checks on every reply (engine.quality), on top of its schema. A reply that
+    fails one is asked again within retry.invalid_reply_attempts. Lengths are characters,
+    bounded relative to the text the reply was made from (its source)."""
+
+    enabled: bool = True
+    """false: only the schema is checked (no content checks, no duplicate re-asks)."""
+    summary_min_ratio: float = Field(0.05, ge=0, le=1)
+    """A summary has at least this share of its chunk's length. The prompts ask for a
+    quarter to a third (extractive) or more (detailed): a twentieth is only a label."""
+    summary_max_ratio: float = Field(2.0, gt=0, le=100)
+    """A summary has at most this multiple of its chunk's length (detailed summaries of short
+    chunks run longer than the chunk; far longer is a model looping)."""
+    question_max_ratio: float = Field(1.0, gt=0, le=100)
+    """A question is at most as long as this multiple of its source (chunk, summary or key
+    fact): longer is the source or the prompt echoed back."""
+    question_max_chars: int = Field(1000, ge=1, le=1_000_000)
+    """A question is never longer than this many characters, whatever its source: a
+    thousand characters is a paragraph, not a question."""
+    answer_max_ratio: float = Field(2.0, gt=0, le=100)
+    """An answer is at most this multiple of its source's length: an answer may explain, but
+    one twice as long as everything it may use adds what the source does not say."""
+    fact_max_ratio: float = Field(1.5, gt=0, le=100)
+    """A key fact, and its context, at most this multiple of the chunk's length."""
+    length_floor_chars: int = Field(200, ge=1, le=1_000_000)
+    """The maxima above are never below this many characters (a short source still gets a
+    full sentence)."""
+    echo_min_chars: int = Field(20, ge=1, le=10_000)
+    """A sentence of the prompt's instructions or of the seed's example document counts as
+    copied when a reply holds it whole and it has at least this many characters."""
+
+
 class Config(_Section):
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
@@ -221,6 +253,7 @@ class Config(_Section):
     retry: RetryConfig = RetryConfig()
     run: RunConfig = RunConfig()
     generation: GenerationConfig = GenerationConfig()
+    quality: QualityConfig = QualityConfig()
 
     @property
     def workers(self) -> int:

@@ -102,7 +102,7 @@ async def _generate(
             config.teacher, config.retry, limiter, stats, cache=replies
         ) as teacher:
             log.info("teacher %r, %r, %r", teacher, limiter, replies)
-            flows = build_flows(config, teacher)
+            flows = build_flows(config, teacher, stats.count_reply)
             writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=only or set())
             scheduler = Scheduler(
                 [flows[t] for t in types], writer, checkpoint, stats, config.workers, only=only

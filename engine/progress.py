@@ -185,6 +185,8 @@ class Progress:
             failures=dict(stats.failures),
             cached=stats.cached,
             eta=_eta(types, elapsed),
+            replies=stats.replies.total(),
+            rejected=stats.replies_rejected,
         )
 
     def _type_figures(self, gen_type: str) -> TypeFigures:

@@ -48,6 +48,9 @@ class Snapshot:
     failures: dict[str, int]
     cached: int
     eta: float | None  # seconds; None while unknown
+    # Reply choices checked so far, and those rejected (schema or content checks).
+    replies: int = 0
+    rejected: int = 0
 
     @property
     def done(self) -> int:
@@ -73,6 +76,7 @@ def line(snap: Snapshot) -> str:
         f"requests/min {_rate(snap.requests_per_minute)}/{_cap(snap.rpm_cap)} | "
         f"tokens/min {_rate(snap.tokens_per_minute)}/{_cap(snap.tpm_cap)} | "
         f"retries {_by_key(snap.retries)} | failed items {_by_key(snap.failures)} | "
+        f"rejected replies {_rejected(snap)} | "
         f"cached {snap.cached} | elapsed {duration(snap.elapsed)} | ETA {_eta_text(snap)}"
     )
 
@@ -97,7 +101,7 @@ def render(snap: Snapshot) -> RenderableType:
         f"requests/min {_rate(snap.requests_per_minute)} of {_cap(snap.rpm_cap)}   "
         f"tokens/min {_rate(snap.tokens_per_minute)} of {_cap(snap.tpm_cap)}",
         f"retries {_by_key(snap.retries)}   failed items {_by_key(snap.failures)}   "
-        f"cached replies {snap.cached}",
+        f"rejected replies {_rejected(snap)}   cached replies {snap.cached}",
         f"elapsed {duration(snap.elapsed)}   ETA {_eta_text(snap)}",
     ]
     return Group(table, *(Text(text) for text in lines))
@@ -143,6 +147,13 @@ def _by_key(counts: Mapping[str, int]) -> str:
         return "0"
     parts = " ".join(f"{key}={n}" for key, n in sorted(counts.items()) if n)
     return f"{total} ({parts})"
+
+
+def _rejected(snap: Snapshot) -> str:
+    """Rejected reply choices of those checked, and the rate: a bad teacher shows at once."""
+    if not snap.replies:
+        return "0"
+    return f"{snap.rejected}/{snap.replies} ({100 * snap.rejected / snap.replies:.1f}%)"
 
 
 def _eta_text(snap: Snapshot) -> str:

@@ -26,7 +26,7 @@ from engine import __version__
 from engine.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.config import Config
 from engine.progress_view import duration
-from engine.stats import Stats
+from engine.stats import Kept, Stats
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ REPORT_FILE = "run_report.json"
 _REDACTED = "[redacted]"
 _CRASH_CHARS = 300
 _ROW = "  {:<20} {:>6} {:>6} {:>8} {:>16} {:>8}"
+_QUALITY_ROW = "  {:<20} {:>8} {:>15} {:>14} {:>10} {:>10} {:>10}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ def build(
             },
         },
         "types": {t: _type_entry(stats, t, out) for t in config.generation.types},
+        "quality": _quality_totals(config, stats),
         "seed_file": {
             "path": str(config.input.seeds.resolve()),
             # None when the count did not run (stopped first, or nothing to do).
@@ -149,7 +151,50 @@ def _type_entry(stats: Stats, gen_type: str, out: Path) -> dict[str, Any]:
         "judged_out": stats.judged_out[gen_type],
         "records_written": stats.records[gen_type],
         "output_file": str(out / gen_name(gen_type)),
+        "quality": _quality_entry(stats, gen_type),
     }
+
+
+def _quality_entry(stats: Stats, gen_type: str) -> dict[str, Any]:
+    """Reply choices checked and rejected, per stage and check, and what the kept records
+    look like (means over this run's units)."""
+    prefix = f"{gen_type}/"
+    stages: dict[str, Any] = {}
+    for stage, replies in sorted(stats.replies.items()):
+        if stage.startswith(prefix):
+            rejected = stats.rejected.get(stage, Counter())
+            stages[stage.removeprefix(prefix)] = {
+                "replies": replies,
+                "rejected": rejected.total(),
+                "rejected_by_check": dict(sorted(rejected.items())),
+            }
+    replies = sum(s["replies"] for s in stages.values())
+    rejected = sum(s["rejected"] for s in stages.values())
+    return {
+        "replies": replies,
+        "rejected": rejected,
+        "rejection_rate": _rate(rejected, replies),
+        "by_stage": stages,
+        "kept": stats.kept.get(gen_type, Kept()).means(),
+    }
+
+
+def _quality_totals(config: Config, stats: Stats) -> dict[str, Any]:
+    by_check: Counter[str] = Counter()
+    for counts in stats.rejected.values():
+        by_check.update(counts)
+    replies = stats.replies.total()
+    return {
+        "checks_enabled": config.quality.enabled,
+        "replies": replies,
+        "rejected": by_check.total(),
+        "rejection_rate": _rate(by_check.total(), replies),
+        "rejected_by_check": dict(sorted(by_check.items())),
+    }
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
 
 
 def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
@@ -182,6 +227,7 @@ def summary(report: Mapping[str, Any]) -> str:
     lines = [
         f"run {end['status']} (exit {end['code']}): {end['reason']}",
         *rows,
+        *_quality_rows(report),
         f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
         f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
         f"{req['from_cache']} answered from cache",
@@ -195,6 +241,53 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _quality_rows(report: Mapping[str, Any]) -> list[str]:
+    """Per type: replies checked, rejected (and by which checks), and the kept records' means."""
+    total = report["quality"]
+    head = "quality:" if total["checks_enabled"] else "quality (checks off):"
+    rows = [
+        _QUALITY_ROW.format(
+            head, "replies", "rejected", "distinct q/unit", "question", "answer", "summary"
+        )
+    ]
+    details = []
+    for gen_type, t in report["types"].items():
+        q, kept = t["quality"], t["quality"]["kept"]
+        rejected = f"{q['rejected']} ({_percent(q['rejection_rate'])})"
+        rows.append(
+            _QUALITY_ROW.format(
+                gen_type,
+                q["replies"],
+                rejected,
+                *(
+                    _figure(kept[key])
+                    for key in (
+                        "distinct_questions_per_unit",
+                        "mean_question_chars",
+                        "mean_answer_chars",
+                        "mean_summary_chars",
+                    )
+                ),
+            )
+        )
+        by_stage = [
+            f"{stage}: " + ", ".join(f"{check} {n}" for check, n in s["rejected_by_check"].items())
+            for stage, s in q["by_stage"].items()
+            if s["rejected"]
+        ]
+        if by_stage:
+            details.append(f"    {gen_type} rejected: " + "; ".join(by_stage))
+    return [*rows, *details, "  (question, answer, summary: mean characters of kept records)"]
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _teacher_line(teacher: Mapping[str, Any]) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 _WORDS = (
@@ -31,10 +32,21 @@ _MAX_DEPTH = 8
 
 
 def instance_for_schema(
-    schema: dict[str, Any], seed: str, *, array_items: int = 3, boolean_value: bool = True
+    schema: dict[str, Any],
+    seed: str,
+    *,
+    array_items: int = 3,
+    boolean_value: bool = True,
+    min_lengths: Mapping[str, int] | None = None,
 ) -> Any:
-    """A JSON instance that validates against ``schema``, fully determined by ``seed``."""
-    return _Generator(schema, seed, array_items, boolean_value).value(schema, "$", "", 0)
+    """A JSON instance that validates against ``schema``, fully determined by ``seed``.
+
+    ``min_lengths``: the fewest characters of strings in properties of that name (a caller
+    that knows what the text is for, such as a summary of a given document), within the
+    schema's own ``maxLength``.
+    """
+    generator = _Generator(schema, seed, array_items, boolean_value, dict(min_lengths or {}))
+    return generator.value(schema, "$", "", 0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class _Generator:
     seed: str
     array_items: int
     boolean_value: bool
+    min_lengths: dict[str, int] = field(default_factory=dict)
 
     def value(self, schema: dict[str, Any], path: str, name: str, depth: int) -> Any:
         schema = self._resolve(schema)
@@ -122,7 +135,7 @@ class _Generator:
         return sentence(
             self._rng(path),
             question="question" in name.lower(),
-            min_length=int(schema.get("minLength", 0)),
+            min_length=max(int(schema.get("minLength", 0)), self.min_lengths.get(name, 0)),
             max_length=schema.get("maxLength"),
         )
 

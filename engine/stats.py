@@ -4,8 +4,51 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from engine.quality import normalise, size
+
+
+@dataclass
+class Kept:
+    """Sums over the records one type kept, for the report's means (lengths in characters)."""
+
+    units: int = 0  # units that kept at least one record
+    questions: int = 0
+    distinct_questions: int = 0  # distinct within their unit, summed over units
+    question_chars: int = 0
+    answer_chars: int = 0
+    summaries: int = 0  # distinct summaries (summary types' documents)
+    summary_chars: int = 0
+
+    def add(self, records: Sequence[Mapping[str, Any]], summaries: bool) -> None:
+        """Count one unit's records; ``summaries``: their documents are summaries."""
+        if not records:
+            return
+        self.units += 1
+        self.questions += len(records)
+        self.distinct_questions += len({normalise(r["question"]) for r in records})
+        self.question_chars += sum(size(r["question"]) for r in records)
+        self.answer_chars += sum(size(r["response"]) for r in records)
+        if summaries:
+            documents = {r["document"] for r in records}
+            self.summaries += len(documents)
+            self.summary_chars += sum(size(d) for d in documents)
+
+    def means(self) -> dict[str, float | None]:
+        """Distinct questions per unit and mean lengths; None where nothing was kept."""
+        return {
+            "distinct_questions_per_unit": _mean(self.distinct_questions, self.units),
+            "mean_question_chars": _mean(self.question_chars, self.questions),
+            "mean_answer_chars": _mean(self.answer_chars, self.questions),
+            "mean_summary_chars": _mean(self.summary_chars, self.summaries),
+        }
+
+
+def _mean(total: int, count: int) -> float | None:
+    return round(total / count, 1) if count else None
 
 
 @dataclass
@@ -40,6 +83,27 @@ class Stats:
     # Requests allowed in flight at the end, and the cuts 429s made (engine.limits).
     concurrency_at_end: int | None = None
     concurrency_cuts: int = 0
+    # Reply choices by stage ("type/stage"): all of them, and the rejected ones by check
+    # (schema checks such as no_json and the content checks of engine.quality alike).
+    replies: Counter[str] = field(default_factory=Counter)
+    rejected: dict[str, Counter[str]] = field(default_factory=dict)
+    # By type: what the records that were kept look like.
+    kept: dict[str, Kept] = field(default_factory=dict)
+
+    def count_reply(self, stage: str, check: str = "") -> None:
+        """Count one reply choice of ``stage``: accepted (``check`` "") or rejected by it."""
+        self.replies[stage] += 1
+        if check:
+            self.rejected.setdefault(stage, Counter())[check] += 1
+
+    @property
+    def replies_rejected(self) -> int:
+        return sum(c.total() for c in self.rejected.values())
+
+    def kept_records(self, gen_type: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Count one written unit's records into the type's kept-data measures."""
+        kept = self.kept.setdefault(gen_type, Kept())
+        kept.add(records, summaries=gen_type.endswith("_summary"))
 
     def unit_written(
         self, gen_type: str, records: int, judged_out: int, failure_kinds: Iterable[str]
@@ -68,6 +132,7 @@ class Stats:
             f"(skipped as already done {sum(self.units_skipped.values())}), "
             f"records {sum(self.records.values())}, failed items {sum(self.failures.values())}, "
             f"judged out {sum(self.judged_out.values())}, rejected rows {self.rejects}, "
+            f"replies rejected {self.replies_rejected}/{self.replies.total()}, "
             f"requests {self.requests_sent} (retries {sum(self.retries.values())}), "
             f"from cache {self.cached}, "
             f"tokens in/out {self.prompt_tokens}/{self.completion_tokens}, "

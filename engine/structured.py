@@ -163,8 +163,12 @@ def parse_reply(text: str, model: type[T]) -> T:
         raise InvalidReply(
             f"no JSON value in the reply ({len(text)} chars)", check="no_json", body=excerpt
         )
+    # Empty strings (or only spacing, stripped) are what the content checks call "blank".
+    blank = all(e["type"] == "string_too_short" for e in first_error.errors())
     raise InvalidReply(
-        f"reply does not match {model.__name__}: {_describe(first_error)}", body=excerpt
+        f"reply does not match {model.__name__}: {_describe(first_error)}",
+        check="blank" if blank else "schema",
+        body=excerpt,
     )
 
 

@@ -112,6 +112,7 @@ class OutputWriter:
         self.stats.unit_written(
             item.gen_type, len(records), result.judged_out, (f.kind for f in result.failures)
         )
+        self.stats.kept_records(item.gen_type, records)
         return self.checkpoint.progress_line(
             item.seed.doc_id, item.gen_type, len(records), len(result.failures)
         )

@@ -48,6 +48,9 @@ def make_config(*, supports_n: bool = True, judge: bool = False, **gen: Any) -> 
     return Config.model_validate(
         {
             "teacher": {"base_url": "http://x/v1", "model": "m", "supports_n": supports_n},
+            # Tiny max_tokens against the long seed: the summaries the plan assumes are far
+            # shorter than a twentieth of that chunk (the content check's default).
+            "quality": {"summary_min_ratio": 0.0},
             "generation": {
                 "judge": judge,
                 "judge_max_tokens": 48,
@@ -141,9 +144,10 @@ def sized_replies(config: Config, seed: SeedRow) -> FakeTeacher:
     serial = itertools.count()
 
     def text(max_tokens: int, items: int) -> str:
-        # As long as the plan's stand-in, and distinct: repeated summaries are asked again.
-        base, tag = assumed_reply(max_tokens, items, seed.document), str(next(serial) % 10)
-        return base[:-1] + tag
+        # As long as the plan's stand-in, and distinct: repeated summaries or questions, and
+        # answers that repeat their question, are asked again.
+        base, tag = assumed_reply(max_tokens, items, seed.document), str(next(serial))
+        return base[: -len(tag)] + tag
 
     def script(request: ChatRequest) -> ChatReply:
         gen_type, stage = request.stage.split("/")
@@ -151,18 +155,23 @@ def sized_replies(config: Config, seed: SeedRow) -> FakeTeacher:
         if stage == "summary":
             return reply(*({"summary": text(knobs.max_tokens, 1)} for _ in range(request.n)))
         if stage == "questions" and gen_type == "document_based_qa":
-            return reply({"questions": [text(knobs.max_tokens, knobs.questions)] * knobs.questions})
+            count = knobs.questions
+            return reply({"questions": [text(knobs.max_tokens, count) for _ in range(count)]})
         if stage == "questions":
             count = knobs.questions_per_summary
-            return reply({"questions": [text(knobs.qa_max_tokens, count)] * count})
+            return reply({"questions": [text(knobs.qa_max_tokens, count) for _ in range(count)]})
         if stage == "answer":
             return reply({"answer": text(knobs.qa_max_tokens, 1)})
         if stage == "key_facts":
-            fact = text(kf.max_tokens, 2 * kf.max_facts)
-            return reply({"facts": [{"fact": fact, "context": fact}] * kf.max_facts})
+            size = (kf.max_tokens, 2 * kf.max_facts)
+            facts = [{"fact": text(*size), "context": text(*size)} for _ in range(kf.max_facts)]
+            return reply({"facts": facts})
         if stage == "qa":
-            pair = text(kf.qa_max_tokens, 2 * kf.qa_per_fact)
-            return reply({"pairs": [{"question": pair, "answer": pair}] * kf.qa_per_fact})
+            size = (kf.qa_max_tokens, 2 * kf.qa_per_fact)
+            pairs = [
+                {"question": text(*size), "answer": text(*size)} for _ in range(kf.qa_per_fact)
+            ]
+            return reply({"pairs": pairs})
         return reply({"faithful": True, "reason": "supported"})
 
     return FakeTeacher(script)

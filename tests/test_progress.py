@@ -74,6 +74,11 @@ def busy(stats: Stats) -> None:
     stats.retries.update({"429": 2, "timeout": 1})
     stats.failures.update({"request_rejected": 1})
     stats.cached = 4
+    # 80 reply choices: 76 accepted, 4 rejected by the checks.
+    for _ in range(76):
+        stats.count_reply("document_based_qa/answer")
+    for check in ("blank", "blank", "duplicate", "no_json"):
+        stats.count_reply("document_based_qa/questions", check)
 
 
 def test_snapshot_figures() -> None:
@@ -99,6 +104,7 @@ def test_snapshot_figures() -> None:
     assert snap.retries == {"429": 2, "timeout": 1}
     assert snap.failures == {"request_rejected": 1}
     assert snap.cached == 4
+    assert (snap.replies, snap.rejected) == (80, 4)
 
 
 def test_eta_is_unknown_until_a_unit_is_done_and_zero_at_the_end() -> None:
@@ -151,7 +157,8 @@ def test_the_line_holds_every_figure() -> None:
         "progress: units 15/40 38% (this run 7, done before 8): extractive_summary 5/10, "
         "detailed_summary 2/10, key_facts_to_qa 2/10, document_based_qa 6/10 | in flight 5/24 | "
         "requests/min 120/600 | tokens/min 60000/100000 | retries 3 (429=2 timeout=1) | "
-        "failed items 1 (request_rejected=1) | cached 4 | elapsed 0:00:30 | ETA 0:01:47"
+        "failed items 1 (request_rejected=1) | rejected replies 4/80 (5.0%) | cached 4 | "
+        "elapsed 0:00:30 | ETA 0:01:47"
     )
 
 
@@ -226,8 +233,9 @@ def test_the_rich_display_renders_the_figures() -> None:
     assert rows[4].startswith("document_based_qa 6/10 4 2 ") and rows[4].endswith("60%")
     assert "in flight 5/24 requests/min 120 of 600 tokens/min 60000 of 100000" in rows
     assert (
-        "retries 3 (429=2 timeout=1) failed items 1 (request_rejected=1) cached replies 4" in rows
-    )
+        "retries 3 (429=2 timeout=1) failed items 1 (request_rejected=1) "
+        "rejected replies 4/80 (5.0%) cached replies 4"
+    ) in rows
     assert "elapsed 0:00:30 ETA 0:01:47" in rows
 
 

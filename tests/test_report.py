@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine import cli, report
+from engine import cli, quality, report
 from engine.config import load_config
 from engine.job import run_job
 from engine.report import Outcome
@@ -39,6 +39,9 @@ from tests.test_e2e import (
     SAMPLE_SEEDS,
     SMALL,
     D,
+    F,
+    N,
+    Q,
     config_for,
 )
 from tests.test_faults import RETRY
@@ -90,6 +93,54 @@ def stored_usage(out: Path) -> tuple[int, int, int]:
     )
 
 
+# Reply choices per stage of a type for the two good rows (every one accepted), before losses.
+REPLIES = {
+    "extractive_summary": {"summary": 2 * N, "questions": 2 * N, "answer": 2 * N * Q},
+    "detailed_summary": {"summary": 2 * N, "questions": 2 * N, "answer": 2 * N * Q},
+    "key_facts_to_qa": {"key_facts": 2, "qa": 2 * F},
+    "document_based_qa": {"questions": 2, "answer": 2 * D},
+}
+
+
+def kept_means(out: Path, gen_type: str) -> dict[str, float | None]:
+    """The report's measures of kept records, computed from the output file."""
+    records = [
+        orjson.loads(line) for line in (out / gen_type / "gen.jsonl").read_bytes().splitlines()
+    ]
+    by_unit: dict[str, set[str]] = {}
+    for r in records:
+        by_unit.setdefault(r["doc_id"], set()).add(quality.normalise(r["question"]))
+    summaries = {(r["doc_id"], r["document"]) for r in records}
+
+    def mean(values: list[int]) -> float | None:
+        return round(sum(values) / len(values), 1) if values else None
+
+    return {
+        "distinct_questions_per_unit": mean([len(q) for q in by_unit.values()]),
+        "mean_question_chars": mean([len(r["question"]) for r in records]),
+        "mean_answer_chars": mean([len(r["response"]) for r in records]),
+        "mean_summary_chars": (
+            mean([len(d) for _, d in summaries]) if gen_type.endswith("summary") else None
+        ),
+    }
+
+
+def expected_quality(out: Path, gen_type: str, lost: int) -> dict[str, Any]:
+    replies = dict(REPLIES[gen_type])
+    if lost:
+        replies["answer"] -= lost  # refused with 400: no reply to check
+    return {
+        "replies": sum(replies.values()),
+        "rejected": 0,
+        "rejection_rate": 0.0,
+        "by_stage": {
+            stage: {"replies": n, "rejected": 0, "rejected_by_check": {}}
+            for stage, n in sorted(replies.items())
+        },
+        "kept": kept_means(out, gen_type),
+    }
+
+
 def expected_types(out: Path) -> dict[str, Any]:
     expected = {}
     for gen_type in TYPES:
@@ -103,6 +154,7 @@ def expected_types(out: Path) -> dict[str, Any]:
             "judged_out": 0,
             "records_written": 2 * EXPECTED_PER_DOC[gen_type] - lost,
             "output_file": str(out / gen_type / "gen.jsonl"),
+            "quality": expected_quality(out, gen_type, lost),
         }
     return expected
 
@@ -131,6 +183,14 @@ async def test_report_figures_of_a_scripted_run(tmp_path: Path) -> None:
     assert answered == DISTINCT - LOST
     assert got["exit"] == {"code": 3, "status": "failed_items", "reason": "4 items failed"}
     assert got["types"] == expected_types(out)
+    replies = sum(sum(stages.values()) for stages in REPLIES.values()) - LOST
+    assert got["quality"] == {
+        "checks_enabled": True,
+        "replies": replies,
+        "rejected": 0,
+        "rejection_rate": 0.0,
+        "rejected_by_check": {},
+    }
     assert got["seed_file"] == {
         "path": str(seeds.resolve()),
         "valid_rows": 2,
@@ -200,10 +260,25 @@ async def test_cli_writes_the_report_and_prints_its_summary(tmp_path: Path) -> N
     got = read_report(out)
     assert got["exit"] == {"code": 3, "status": "failed_items", "reason": f"{LOST} items failed"}
     assert got["types"] == expected_types(out)
+    replies = sum(sum(stages.values()) for stages in REPLIES.values()) - LOST
+    assert got["quality"] == {
+        "checks_enabled": True,
+        "replies": replies,
+        "rejected": 0,
+        "rejection_rate": 0.0,
+        "rejected_by_check": {},
+    }
     assert got["requests"]["sent"] == DISTINCT + RETRIED
     assert got["requests"]["retries_by_reason"] == {"500": RETRIED}
     assert got["options"] == {"fresh": False, "force": False, "cache": True, "retry_failed": False}
     assert f"run failed_items (exit 3): {LOST} items failed" in output
+    # Per type: replies checked, rejected (and the rate), then the kept records' measures.
+    quality_rows = {
+        line.split()[0]: line.split()[1:] for line in output.splitlines() if "(0.0%)" in line
+    }
+    qa = got["types"]["document_based_qa"]["quality"]
+    assert quality_rows["document_based_qa"][:3] == [str(qa["replies"]), "0", "(0.0%)"]
+    assert set(quality_rows) == set(TYPES)
     assert f"requests: {DISTINCT + RETRIED} sent, {RETRIED} retried (500: {RETRIED})" in output
     assert f"report: {out / 'run_report.json'}" in output
     assert "teacher: sim-teacher at 1 endpoint(s), 0 outage(s)" in output

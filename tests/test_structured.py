@@ -54,29 +54,30 @@ def test_parse_reply_finds_the_first_valid_json(
 
 
 @pytest.mark.parametrize(
-    ("text", "model", "reason"),
+    ("text", "model", "reason", "check"),
     [
-        ("", Answer, "no JSON value"),
-        ("I cannot answer that.", Answer, "no JSON value"),
-        ('{"answer": "unterminated', Answer, "no JSON value"),
-        ('```json\n{"answer": }\n```', Answer, "no JSON value"),
-        ('{"answer": ""}', Answer, "answer"),
-        ('{"answer": "   "}', Answer, "answer"),
-        ('{"response": "42"}', Answer, "answer"),
-        ('{"questions": []}', Q3, "questions"),
-        ('{"questions": ["ok", ""]}', Q3, "questions.1"),
-        ('{"faithful": "maybe", "reason": "x"}', Verdict, "faithful"),
-        ("[1, 2]", Answer, "does not match Answer"),
+        ("", Answer, "no JSON value", "no_json"),
+        ("I cannot answer that.", Answer, "no JSON value", "no_json"),
+        ('{"answer": "unterminated', Answer, "no JSON value", "no_json"),
+        ('```json\n{"answer": }\n```', Answer, "no JSON value", "no_json"),
+        ('{"answer": ""}', Answer, "answer", "blank"),
+        ('{"answer": "   "}', Answer, "answer", "blank"),
+        ('{"response": "42"}', Answer, "answer", "schema"),
+        ('{"questions": []}', Q3, "questions", "schema"),
+        ('{"questions": ["ok", ""]}', Q3, "questions.1", "blank"),
+        ('{"faithful": "maybe", "reason": "x"}', Verdict, "faithful", "schema"),
+        ("[1, 2]", Answer, "does not match Answer", "schema"),
     ],
 )
-def test_parse_reply_rejects(text: str, model: type[BaseModel], reason: str) -> None:
+def test_parse_reply_rejects(text: str, model: type[BaseModel], reason: str, check: str) -> None:
     with pytest.raises(InvalidReply) as caught:
         parse_reply(text, model)
     assert reason in str(caught.value)
     assert caught.value.kind == "invalid_reply"
     assert caught.value.body == text[:300]
-    # The stable code the failure is counted and grouped by.
-    assert caught.value.check == ("no_json" if "no JSON" in reason else "schema")
+    # The stable code the failure is counted and grouped by: an empty string is "blank", the
+    # content check's name for it.
+    assert caught.value.check == check
 
 
 def test_invalid_reply_body_is_a_short_excerpt() -> None:

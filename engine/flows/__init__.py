@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import assert_never
 
 from engine.config import Config
-from engine.flows.ask import Asker
+from engine.flows.ask import Asker, Tally
 from engine.flows.base import Flow
 from engine.flows.document_qa import DocumentQAFlow
 from engine.flows.key_facts import KeyFactsFlow
@@ -16,14 +16,20 @@ from engine.teacher import Teacher
 __all__ = ["build_flows"]
 
 
-def build_flows(config: Config, teacher: Teacher) -> dict[str, Flow]:
-    """One flow per type in ``config.generation.types``, keyed by type name, in that order."""
+def build_flows(config: Config, teacher: Teacher, tally: Tally | None = None) -> dict[str, Flow]:
+    """One flow per type in ``config.generation.types``, keyed by type name, in that order.
+
+    ``tally(stage, check)`` counts every reply choice: ``check`` "" when it was accepted,
+    else the code of the check that rejected it (``Stats.count_reply``).
+    """
     gen = config.generation
     asker = Asker(
         teacher,
         mode=config.teacher.structured_output,
         attempts=config.retry.invalid_reply_attempts,
         supports_n=config.teacher.supports_n,
+        quality=config.quality,
+        tally=tally,
     )
     judge = Judge(gen.judge_temperature, gen.judge_max_tokens) if gen.judge else None
     ctx = FlowContext(asker, judge)

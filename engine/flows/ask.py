@@ -7,6 +7,11 @@ asked. With ``supports_n = false`` the samples are separate ``n=1`` requests, se
 Each valid sample is handed on (``on_item``) as soon as it arrives, so its branch of the
 unit can go on while the others are still outstanding. Separate samples and re-asks carry a
 short note, so that a server deterministic in the prompt does not repeat itself.
+
+"Valid" is the schema and then the content checks (``engine.quality``) of an ``Ask`` that
+says what it is grounded in: a choice that fails a check is invalid like one that does not
+parse, with the check's code, and is asked again the same way. Every choice is counted, as
+accepted or by the check that rejected it (``tally``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-from engine import structured
+from engine import quality, structured
+from engine.config import QualityConfig
 from engine.errors import InvalidReply, ItemError
 from engine.structured import Mode
 from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
@@ -38,6 +44,10 @@ class Ask(Generic[T]):
     reply: type[T]
     temperature: float
     max_tokens: int
+    # What the reply is judged against; None: the schema alone (the judge's verdict).
+    grounding: quality.Grounding | None = None
+    # The unit's accepted texts, that this reply's questions, facts or summaries must not repeat.
+    seen: quality.Seen | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,27 +68,14 @@ class Lost:
 
 
 OnItem = Callable[[int, Parsed[T]], object]
-# Returns why a parsed value is unacceptable, or "" when it is fine.
-Check = Callable[[T], str]
+# Returns why a parsed value is unacceptable, or None when it is fine.
+Check = Callable[[BaseModel], quality.Rejection | None]
+# Counts one choice of a stage: "" accepted, else the check that rejected it.
+Tally = Callable[[str, str], None]
 
 
-def _accept_all(value: BaseModel) -> str:
-    return ""
-
-
-def _distinct(key: Callable[[T], str] | None) -> Check[T]:
-    if key is None:
-        return _accept_all
-    seen: set[str] = set()
-
-    def check(value: T) -> str:
-        k = key(value)
-        if k in seen:
-            return "the same text as an earlier sample"
-        seen.add(k)
-        return ""
-
-    return check
+def _accept_all(value: BaseModel) -> quality.Rejection | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +86,9 @@ class Asker:
     mode: Mode
     attempts: int
     supports_n: bool
+    # None or disabled: the schema alone.
+    quality: QualityConfig | None = None
+    tally: Tally | None = None
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
         """The request for ``ask``: ``note`` and the schema instructions appended to the last
@@ -114,24 +114,18 @@ class Asker:
     async def one(self, ask: Ask[T]) -> Parsed[T]:
         """One validated reply; raises the ``ItemError`` that lost it."""
         got: list[Parsed[T]] = []
-        lost = await self._fill(ask, [0], lambda _slot, item: got.append(item), _accept_all)
+        lost = await self._fill(ask, [0], lambda _slot, item: got.append(item), self.gate(ask))
         if lost is not None:
             raise lost.error
         return got[0]
 
-    async def many(
-        self,
-        ask: Ask[T],
-        count: int,
-        on_item: OnItem[T],
-        distinct: Callable[[T], str] | None = None,
-    ) -> list[Lost]:
+    async def many(self, ask: Ask[T], count: int, on_item: OnItem[T]) -> list[Lost]:
         """Collect ``count`` samples, calling ``on_item(slot, parsed)`` as each arrives.
 
-        Returns what was lost. With ``distinct``, a sample whose key repeats an earlier one
-        counts as invalid and is asked again.
+        Returns what was lost. A sample that repeats an earlier one (its ``Ask.seen``) is
+        invalid like any other that fails a check, and is asked again.
         """
-        check = _distinct(distinct)
+        check = self.gate(ask)
         if self.supports_n:
             lost = await self._fill(ask, list(range(count)), on_item, check, count)
             return [] if lost is None else [lost]
@@ -142,8 +136,17 @@ class Asker:
             ]
         return [lost for task in tasks if (lost := task.result()) is not None]
 
+    def gate(self, ask: Ask[T]) -> Check:
+        """The content checks for ``ask``'s replies: none without a grounding or with the
+        checks turned off."""
+        config = self.quality
+        if ask.grounding is None or config is None or not config.enabled:
+            return _accept_all
+        prompt = [m.content for m in self.request(ask).messages]
+        return quality.Gate.of(config, ask.grounding, prompt, ask.reply, ask.seen)
+
     async def _fill(
-        self, ask: Ask[T], slots: list[int], on_item: OnItem[T], check: Check[T], total: int = 1
+        self, ask: Ask[T], slots: list[int], on_item: OnItem[T], check: Check, total: int = 1
     ) -> Lost | None:
         """Fill ``slots`` with valid samples, one request per round for all still missing."""
         missing = list(slots)
@@ -178,25 +181,32 @@ class Asker:
         reply: ChatReply,
         missing: list[int],
         on_item: OnItem[T],
-        check: Check[T],
+        check: Check,
     ) -> InvalidReply | None:
         """Hand each valid choice to the next missing slot; return the last problem seen."""
         problem = None
         if not reply.choices:
             problem = InvalidReply("the reply had no choices", check="no_choices")
+            self._count(ask.stage, problem.check)
         model = reply.model or self.teacher.model
         for choice in reply.choices[: len(missing)]:
             try:
                 value = _parse(ask, choice, check)
             except InvalidReply as err:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
+                self._count(ask.stage, err.check)
                 problem = err
                 continue
+            self._count(ask.stage, "")
             on_item(missing.pop(0), Parsed(value, choice, model))
         return problem
 
+    def _count(self, stage: str, check: str) -> None:
+        if self.tally is not None:
+            self.tally(stage, check)
 
-def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
+
+def _parse(ask: Ask[T], choice: Choice, check: Check) -> T:
     try:
         value = structured.parse_reply(choice.content, ask.reply)
     except InvalidReply as err:
@@ -205,10 +215,10 @@ def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
                 f"cut off at max_tokens={ask.max_tokens}: {err}", check="cut_off", body=err.body
             ) from err
         raise
-    reason = check(value)
-    if reason:
+    rejected = check(value)
+    if rejected is not None:
         raise InvalidReply(
-            reason, check="duplicate", body=choice.content[: structured.EXCERPT_CHARS]
+            str(rejected), check=rejected.check, body=choice.content[: structured.EXCERPT_CHARS]
         )
     return value
 

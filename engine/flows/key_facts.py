@@ -5,11 +5,11 @@ A pair's grounding ``document`` is its fact and the fact's context.
 
 from __future__ import annotations
 
-from engine import prompts
+from engine import prompts, quality
 from engine.config import KeyFactsConfig
 from engine.flows.ask import Ask
 from engine.flows.base import StagePlan, UnitResult, assumed_reply
-from engine.flows.unit import FlowContext, Pair, Unit, label, stage_name
+from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
 from engine.seeds import SeedRow
 from engine.structured import KeyFact, KeyFacts, QAPairs, key_facts_model, qa_pairs_model
 
@@ -48,16 +48,20 @@ class KeyFactsFlow:
             ),
         ]
 
-    def _facts_ask(self, seed: SeedRow) -> Ask[KeyFacts]:
+    def _facts_ask(self, seed: SeedRow, seen: quality.Seen | None = None) -> Ask[KeyFacts]:
         return Ask(
             stage_name(self.gen_type, "key_facts"),
             prompts.key_facts_messages(seed, self.config.max_facts),
             key_facts_model(self.config.max_facts),
             self.config.temperature,
             self.config.max_tokens,
+            grounding=grounding(seed, seed.document),
+            seen=seen,
         )
 
-    def _qa_ask(self, seed: SeedRow, fact: str, context: str) -> Ask[QAPairs]:
+    def _qa_ask(
+        self, seed: SeedRow, fact: str, context: str, seen: quality.Seen | None = None
+    ) -> Ask[QAPairs]:
         count = self.config.qa_per_fact
         return Ask(
             stage_name(self.gen_type, "qa"),
@@ -65,16 +69,19 @@ class KeyFactsFlow:
             qa_pairs_model(count),
             self.config.qa_temperature,
             self.config.qa_max_tokens,
+            # A pair is grounded in its fact and the fact's context, like its record.
+            grounding=grounding(seed, _grounding(fact, context)),
+            seen=seen,
         )
 
     async def _facts(self, unit: Unit) -> None:
-        got = await unit.asker.one(self._facts_ask(unit.seed))
+        got = await unit.asker.one(self._facts_ask(unit.seed, unit.seen))
         for i, fact in enumerate(got.value.facts):
             path = (f"f{i:03d}",)
             unit.spawn(unit.stage("qa"), label(path), self._qa(unit, path, fact))
 
     async def _qa(self, unit: Unit, path: tuple[str, ...], fact: KeyFact) -> None:
-        got = await unit.asker.one(self._qa_ask(unit.seed, fact.fact, fact.context))
+        got = await unit.asker.one(self._qa_ask(unit.seed, fact.fact, fact.context, unit.seen))
         document = _grounding(fact.fact, fact.context)
         for j, pair in enumerate(got.value.pairs):
             unit.add(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import prompts
+from engine import prompts, quality
 from engine.flows.ask import Ask
 from engine.flows.base import StagePlan, assumed_reply
-from engine.flows.unit import FlowContext, Pair, Unit, label, stage_name
+from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
 from engine.seeds import SeedRow
 from engine.structured import Answer, Questions, questions_model
 
@@ -27,13 +27,17 @@ class QuestionsThenAnswers:
     answers: Knobs
     digits: int = 2  # width of the question number in the record path
 
-    def questions_ask(self, seed: SeedRow, stage: str, document: str) -> Ask[Questions]:
+    def questions_ask(
+        self, seed: SeedRow, stage: str, document: str, seen: quality.Seen | None = None
+    ) -> Ask[Questions]:
         return Ask(
             stage,
             prompts.question_messages(seed, document, self.count),
             questions_model(self.count),
             self.questions.temperature,
             self.questions.max_tokens,
+            grounding=grounding(seed, document),
+            seen=seen,
         )
 
     def answer_ask(self, seed: SeedRow, stage: str, document: str, question: str) -> Ask[Answer]:
@@ -43,10 +47,11 @@ class QuestionsThenAnswers:
             Answer,
             self.answers.temperature,
             self.answers.max_tokens,
+            grounding=grounding(seed, document, question),
         )
 
     async def questions_step(self, unit: Unit, path: tuple[str, ...], document: str) -> None:
-        ask = self.questions_ask(unit.seed, unit.stage("questions"), document)
+        ask = self.questions_ask(unit.seed, unit.stage("questions"), document, unit.seen)
         got = await unit.asker.one(ask)
         for j, question in enumerate(got.value.questions):
             qpath = (*path, f"q{j:0{self.digits}d}")

@@ -6,12 +6,12 @@ i's questions are asked as soon as summary i has arrived, not when all N have.
 
 from __future__ import annotations
 
-from engine import prompts
+from engine import prompts, quality
 from engine.config import SummaryConfig
 from engine.flows.ask import Ask, Parsed
 from engine.flows.base import StagePlan, UnitResult, assumed_reply
 from engine.flows.qa import Knobs, QuestionsThenAnswers
-from engine.flows.unit import FlowContext, Unit, stage_name
+from engine.flows.unit import FlowContext, Unit, grounding, stage_name
 from engine.seeds import SeedRow
 from engine.structured import Summary
 
@@ -48,26 +48,27 @@ class SummaryFlow:
             *self.qa.plan(self.ctx, seed, self.gen_type, summary, self.config.summaries, "summary"),
         ]
 
-    def _summary_ask(self, seed: SeedRow) -> Ask[Summary]:
+    def _summary_ask(self, seed: SeedRow, seen: quality.Seen | None = None) -> Ask[Summary]:
         return Ask(
             stage_name(self.gen_type, "summary"),
             prompts.summary_messages(seed, self.style),
             Summary,
             self.config.temperature,
             self.config.max_tokens,
+            grounding=grounding(seed, seed.document),
+            seen=seen,
         )
 
     async def _summaries(self, unit: Unit) -> None:
-        ask = self._summary_ask(unit.seed)
+        # The unit's memory makes the N summaries distinct: a repeat is asked again.
+        ask = self._summary_ask(unit.seed, unit.seen)
 
         def on_summary(slot: int, got: Parsed[Summary]) -> None:
             path = _slot_path(slot)
             step = self.qa.questions_step(unit, path, got.value.summary)
             unit.spawn(unit.stage("questions"), path[0], step)
 
-        lost = await unit.asker.many(
-            ask, self.config.summaries, on_summary, distinct=lambda s: s.summary
-        )
+        lost = await unit.asker.many(ask, self.config.summaries, on_summary)
         for item in lost:
             where = ",".join(_slot_path(slot)[0] for slot in item.slots)
             unit.fail(ask.stage, where, item.error)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from engine import prompts
+from engine import prompts, quality
 from engine.errors import FatalRunError, ItemError
 from engine.flows.ask import Ask, Asker
 from engine.flows.base import Failure, StagePlan, UnitResult, make_record
@@ -66,6 +66,19 @@ class FlowContext:
         return [StagePlan.of(self.asker.first_round(ask), pairs, assumes)]
 
 
+def grounding(seed: SeedRow, source: str, question: str = "") -> quality.Grounding:
+    """What a stage's reply about ``source`` (and, for an answer, ``question``) is judged
+    against, with the seed's in-context example that it must not copy."""
+    return quality.Grounding(
+        source=source,
+        chunk=seed.document,
+        question=question,
+        examples=tuple(q for q in seed.icl_queries if q.strip()),
+        example_document=seed.icl_document,
+        quoted=(seed.document_outline, seed.domain),
+    )
+
+
 def label(path: tuple[str, ...]) -> str:
     """The ``Failure.item`` for a branch, e.g. ``"s003/q01"``."""
     return "/".join(path)
@@ -101,6 +114,8 @@ class Unit:
         self._records: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         self._failures: list[Failure] = []
         self._judged_out = 0
+        # The questions, facts and summaries accepted so far: new ones must differ.
+        self.seen = quality.Seen()
 
     def stage(self, name: str) -> str:
         """The full stage name, e.g. ``"extractive_summary/questions"``."""
