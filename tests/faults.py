@@ -7,7 +7,8 @@ it has the same key), the order in which distinct bodies first arrived (``index`
 run's counts exact whatever order the engine's concurrent requests arrive in.
 
 The plan returns a response to send instead of the real one (``error``, ``text``,
-``payload``, ``reset``), None to answer normally, or an awaitable of either (``Hang``).
+``payload``, ``completion``, ``reset``), None to answer normally, or an awaitable of either
+(``Hang``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def error(
     return web.Response(
         status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
     )
+
+
+def completion(*contents: str, model: str = "sim-teacher") -> web.Response:
+    """A well-formed chat completion whose choices say ``contents`` (junk, for the gates)."""
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
+        for i, c in enumerate(contents)
+    ]
+    usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+    body = {"id": "chatcmpl-junk", "object": "chat.completion", "created": 0, "model": model}
+    return payload({**body, "choices": choices, "usage": usage})
 
 
 def text(body: str, status: int = 200, content_type: str = "text/plain") -> web.Response:
