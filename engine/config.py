@@ -229,6 +229,9 @@ class QualityConfig(_Section):
     question_max_ratio: float = Field(1.0, gt=0, le=100)
     """A question is at most as long as this multiple of its source (chunk, summary or key
     fact): longer is the source or the prompt echoed back."""
+    question_min_chars: int = Field(4, ge=1, le=1_000)
+    """A question has at least this many characters: "a" or "Q?" names nothing it could be
+    about, while the shortest real ones ("Why?", "长江多长?") have four or five."""
     question_max_chars: int = Field(1000, ge=1, le=1_000_000)
     """A question is never longer than this many characters, whatever its source: a
     thousand characters is a paragraph, not a question."""

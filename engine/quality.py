@@ -19,7 +19,8 @@ Checks (code: what it rejects):
 - ``example_copy``: one of the seed's example questions, or a sentence of its example
   document, that the source itself does not contain.
 - ``question_echo``: an answer that is its question again.
-- ``length``: too short or too long for what it was made from (see ``QualityConfig``).
+- ``length``: too short or too long for what it was made from (see ``QualityConfig``), or a
+  question too short to name what it asks about ("a", "Q?").
 - ``duplicate``: a question, fact or summary the unit already has from the same source.
 """
 
@@ -266,7 +267,9 @@ def no_letters(j: Judged) -> str | None:
 
 
 def field_name(j: Judged) -> str | None:
-    if j.norm in j.scaffolding.names:
+    # "Question 1", "2. Answer": a name numbered like a list item is a name all the same.
+    words = " ".join(w for w in j.norm.split() if not w.isdecimal())
+    if j.norm in j.scaffolding.names or words in j.scaffolding.names:
         return f"{excerpt(j.text.value)!r} is a name from the reply's schema, not content"
     return None
 
@@ -332,7 +335,8 @@ def bounds(kind: Kind, source_chars: int, config: QualityConfig) -> tuple[int, i
         low = int(c.summary_min_ratio * source_chars)
         return low, max(floor, int(c.summary_max_ratio * source_chars))
     if kind == "question":
-        return 1, min(c.question_max_chars, max(floor, int(c.question_max_ratio * source_chars)))
+        high = min(c.question_max_chars, max(floor, int(c.question_max_ratio * source_chars)))
+        return c.question_min_chars, high
     if kind == "answer":
         return 1, max(floor, int(c.answer_max_ratio * source_chars))
     return 1, max(floor, int(c.fact_max_ratio * source_chars))

@@ -175,7 +175,7 @@ async def test_fewer_choices_than_asked_are_topped_up() -> None:
 async def test_a_server_ignoring_n_costs_no_invalid_attempts() -> None:
     def script(request: ChatRequest) -> ChatReply | None:
         if stage_is(request, "summary"):
-            return reply({"summary": f"summary {len(teacher.sent('/summary'))}"})
+            return reply({"summary": f"Plants make sugar (take {len(teacher.sent('/summary'))})."})
         return None
 
     teacher = FakeTeacher(script)
@@ -407,7 +407,7 @@ async def test_reasoning_and_model_come_from_the_answer_reply() -> None:
 async def test_key_facts_reasoning_comes_from_the_qa_reply() -> None:
     def script(request: ChatRequest) -> ChatReply | None:
         if stage_is(request, "qa"):
-            pair = {"question": "Q?", "answer": "A."}
+            pair = {"question": "What does the fact say?", "answer": "A."}
             return reply({"pairs": [pair]}, reasoning="qa thoughts")
         return None
 

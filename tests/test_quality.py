@@ -120,6 +120,9 @@ def judged(
         (quality.field_name, "Questions:", "question", True),
         (quality.field_name, "QUESTION", "question", True),  # any reply model's name
         (quality.field_name, "the passage", "question", True),  # a word the prompt quotes
+        (quality.field_name, "Question 1", "question", True),
+        (quality.field_name, "2. Answer", "answer", True),
+        (quality.field_name, "Question 1 of the Treaty?", "question", False),
         (quality.field_name, "Which questions does RuBisCO answer?", "question", False),
         (quality.template, "{{JSON }}", "summary", True),
         (quality.template, "{% for q in questions %}", "question", True),
@@ -147,6 +150,10 @@ def judged(
         (quality.example_copy, "Mitochondria make it.", "answer", False),
         (quality.example_copy, "What does RuBisCO fix?", "question", False),
         (quality.length, "x" * 1001, "question", True),
+        (quality.length, "a", "question", True),
+        (quality.length, "Q?", "question", True),
+        (quality.length, "Why?", "question", False),
+        (quality.length, "长江多长？", "question", False),
         (quality.length, "Where is RuBisCO found?", "question", False),
     ],
 )
@@ -200,9 +207,9 @@ def test_markup_the_document_itself_has_is_no_echo() -> None:
     [
         ("summary", 1000, 50, 2000),
         ("summary", 40, 2, 200),  # the floor for short sources
-        ("question", 1000, 1, 1000),
-        ("question", 5000, 1, 1000),  # question_max_chars
-        ("question", 100, 1, 200),
+        ("question", 1000, 4, 1000),
+        ("question", 5000, 4, 1000),  # question_max_chars
+        ("question", 100, 4, 200),
         ("answer", 1000, 1, 2000),
         ("fact", 1000, 1, 1500),
         ("context", 100, 1, 200),
@@ -421,6 +428,6 @@ def test_summaries_of_one_chunk_are_distinct() -> None:
 
 def test_a_gate_without_a_unit_memory_still_rejects_repeats_within_a_reply() -> None:
     gate = Gate.of(CONFIG, grounding(SEED, SEED.document), [], questions_model(3))
-    twice = questions_model(3)(questions=["Why?", "why"])
+    twice = questions_model(3)(questions=["Why is it?", "why is it"])
     got = gate(twice)
     assert got is not None and got.check == "duplicate"
