@@ -93,8 +93,8 @@ def _normalised(text: str) -> str:
 
 
 def letters(text: str) -> int:
-    """How many letters of any script ``text`` holds (Unicode categories L*)."""
-    return sum(1 for ch in text if unicodedata.category(ch)[0] == "L")
+    """How many letters of any script ``text`` holds (Unicode categories L*: ``str.isalpha``)."""
+    return sum(map(str.isalpha, text))
 
 
 def has_digit(text: str) -> bool:
@@ -167,18 +167,24 @@ class Scaffolding:
         for quoted in sorted(grounding.content, key=len, reverse=True):
             if len(quoted.strip()) >= MIN_QUOTED_CHARS:
                 text = text.replace(quoted, "\n")
-        sentences: dict[str, None] = {}
-        for line in text.splitlines():
-            for sentence in _sentences(line):
-                if len(sentence) >= echo_min_chars:
-                    sentences[sentence] = None
-        names = set(schema_names(schema)) if schema is not None else set()
-        names.update(n for quoted in _QUOTED.findall(text) if (n := normalise(quoted)))
-        return cls(
-            tags=frozenset(_TAG.findall(text)),
-            names=frozenset(names),
-            sentences=tuple(sentences),
-        )
+        return _scaffolding(text, schema, echo_min_chars)
+
+
+@lru_cache(maxsize=1024)
+def _scaffolding(text: str, schema: type[BaseModel] | None, echo_min_chars: int) -> Scaffolding:
+    # Once the quoted texts are out, every request of a stage leaves the same instructions.
+    sentences: dict[str, None] = {}
+    for line in text.splitlines():
+        for sentence in _sentences(line):
+            if len(sentence) >= echo_min_chars:
+                sentences[sentence] = None
+    names = set(schema_names(schema)) if schema is not None else set()
+    names.update(n for quoted in _QUOTED.findall(text) if (n := normalise(quoted)))
+    return Scaffolding(
+        tags=frozenset(_TAG.findall(text)),
+        names=frozenset(names),
+        sentences=tuple(sentences),
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -259,7 +265,7 @@ def blank(j: Judged) -> str | None:
 
 def no_letters(j: Judged) -> str | None:
     value = j.text.value
-    if letters(value):
+    if any(map(str.isalpha, value)):
         return None
     if j.text.kind == "answer" and has_digit(value):
         return None  # "1998", "6 650": a number answers a question
