@@ -86,9 +86,10 @@ def normalise(text: str) -> str:
     return " ".join(folded.split())
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _normalised(text: str) -> str:
-    # Grounding texts (a chunk of up to 60,000 characters) recur in every request of a unit.
+    # Grounding texts (a chunk of up to 60,000 characters) recur in every request of a unit;
+    # a few hundred of them cover the units in flight without holding a corpus in memory.
     return normalise(text)
 
 
