@@ -18,7 +18,8 @@ from typing import Any
 from engine import prompts
 from engine.errors import FatalRunError, ItemError
 from engine.flows.ask import Ask, Asker
-from engine.flows.base import Failure, StagePlan, UnitResult, make_record
+from engine.flows.base import Failure, StagePlan, UnitResult
+from engine.records import make_record
 from engine.seeds import SeedRow
 from engine.structured import Verdict
 
@@ -176,7 +177,7 @@ class Unit:
             question=pair.question,
             response=pair.response,
             model=pair.model,
-            reasoning=pair.reasoning,
+            reasoning=pair.reasoning or "",
             key_fact=pair.key_fact,
         )
         self._records.append((pair.path, record))
