@@ -42,7 +42,7 @@ class Pair:
     question: str
     response: str
     model: str
-    reasoning: str | None = None
+    reasoning: str = ""
     key_fact: str | None = None
 
 
@@ -177,7 +177,7 @@ class Unit:
             question=pair.question,
             response=pair.response,
             model=pair.model,
-            reasoning=pair.reasoning or "",
+            reasoning=pair.reasoning,
             key_fact=pair.key_fact,
         )
         self._records.append((pair.path, record))
