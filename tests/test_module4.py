@@ -144,12 +144,20 @@ def expected_thinking(out: Path, gen_type: str) -> Iterator[tuple[tuple[str, str
         yield (chunk, record["document"], record["question"]), reasoning
 
 
-@pytest.mark.parametrize("reasoning_field", [None, "reasoning_content", "reasoning"])
+@pytest.mark.parametrize(
+    ("teacher", "thinks"),
+    [
+        pytest.param({}, False, id="no-reasoning"),
+        pytest.param({"reasoning_field": "reasoning_content"}, True, id="reasoning_content"),
+        pytest.param({"reasoning_field": "reasoning"}, True, id="reasoning"),
+        pytest.param({"reasoning_layout": "inline"}, True, id="inline-think"),
+    ],
+)
 async def test_module4_reads_every_folder_of_a_run(
-    tmp_path: Path, reasoning_field: str | None
+    tmp_path: Path, teacher: dict[str, Any], thinks: bool
 ) -> None:
     out = tmp_path / "step_03"
-    async with running_simulator(SimulatorConfig(reasoning_field=reasoning_field)) as sim:
+    async with running_simulator(SimulatorConfig(**teacher)) as sim:
         await run_job(config_for(sim.base_url, out), Stats())
     for gen_type in TYPES:  # Module 4 reads every JSON file there: ours must be alone
         assert [p.name for p in (out / gen_type).iterdir()] == ["gen.jsonl"]
@@ -167,7 +175,7 @@ async def test_module4_reads_every_folder_of_a_run(
         user, assistant = row["messages"]
         assert user["thinking"] is None and row["question"] in user["content"]
         assert assistant["thinking"] == want[row["t"]][key]
-        assert bool(assistant["thinking"]) == (reasoning_field is not None)
+        assert bool(assistant["thinking"]) == thinks
     assert len(seen) == len(mixed)
 
 

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
+from engine.checkpoint import FAILURES_FILE
 from engine.errors import InvalidReply
 from engine.flows.ask import Ask, Asker
+from engine.job import run_job
 from engine.reasoning import answer_of, split_inline
+from engine.simulator import DRAFT_MARK, ReasoningLayout, SimulatorConfig, running_simulator
+from engine.stats import Stats
 from engine.structured import Answer
 from engine.teacher import Choice, Message
 from tests.fakes import FakeTeacher, text_reply
+from tests.test_e2e import assert_complete_output, config_for, read_gen, seed_count
 
 A = json.dumps({"answer": "final"})
 DRAFT = json.dumps({"answer": "draft"})
@@ -216,3 +224,91 @@ async def test_a_reply_cut_off_while_thinking_is_a_cut_off_failure_saying_so() -
         "cut off at max_tokens=64: no answer: everything is inside <think>, never closed "
         "(10 chars); finish_reason=length"
     )
+
+
+# --- over HTTP: every layout, a whole run ----------------------------------------------------
+
+# Where Module 4 reads each type's reasoning (see test_module4.py).
+REASONING_OF = {
+    "extractive_summary": "parse_response_dict_reasoning_content",
+    "detailed_summary": "parse_response_dict_reasoning_content",
+    "key_facts_to_qa": "reasoning",
+    "document_based_qa": "reasoning",
+}
+TAGS = [
+    ("<think>", "</think>"),
+    ("<thinking>", "</thinking>"),
+    ("<reasoning>", "</reasoning>"),
+    ("<seed:think>", "</seed:think>"),
+    ("[THINK]", "[/THINK]"),
+    ("◁think▷", "◁/think▷"),
+    ("<|START_THINKING|>", "<|END_THINKING|>"),
+    ("<|channel|>analysis<|message|>", "<|end|>"),
+    ("Here is my thought process:", "Here is my response:"),
+]
+LAYOUTS = [
+    pytest.param("field", {"reasoning_field": "reasoning_content"}, "json_schema", id="field"),
+    pytest.param("field", {"reasoning_field": "reasoning"}, "json_schema", id="field-newer"),
+    pytest.param("thinking_blocks", {}, "json_schema", id="thinking-blocks"),
+    *(
+        pytest.param("inline", {"think_tags": tags}, "json_schema", id=f"inline-{tags[0]}")
+        for tags in TAGS
+    ),
+    pytest.param("inline", {}, "text", id="inline-text-mode"),
+    pytest.param("template_opened", {}, "json_schema", id="template-opened"),
+    pytest.param(
+        "template_opened",
+        {"think_tags": ("<seed:think>", "</seed:think>")},
+        "text",
+        id="template-opened-seed-text-mode",
+    ),
+]
+
+
+async def generate(out: Path, sim_config: SimulatorConfig, mode: str = "json_schema") -> Stats:
+    stats = Stats()
+    async with running_simulator(sim_config) as sim:
+        config = config_for(sim.base_url, out, f'teacher.structured_output="{mode}"')
+        await run_job(config, stats)
+    return stats
+
+
+@pytest.mark.parametrize(("layout", "knobs", "mode"), LAYOUTS)
+async def test_each_layout_gives_answers_as_records_and_thinking_as_reasoning(
+    tmp_path: Path, layout: ReasoningLayout, knobs: dict[str, Any], mode: str
+) -> None:
+    await generate(tmp_path, SimulatorConfig(reasoning_layout=layout, **knobs), mode)
+    assert_complete_output(tmp_path)  # every record there, no failure
+    for gen_type, field in REASONING_OF.items():
+        for record in read_gen(tmp_path, gen_type):
+            # The thinking, with the draft answer it holds, is the record's reasoning...
+            assert record[field].startswith("Let me think this through.")
+            assert DRAFT_MARK in record[field]
+            # ... and never its answer, question or grounding document.
+            for name in ("document", "question", "response", "key_fact"):
+                assert DRAFT_MARK not in record.get(name, ""), (gen_type, name)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_json_answer_in_the_reasoning_field_is_the_answer(tmp_path: Path, field: str) -> None:
+    # vllm #16182: guided decoding with a reasoning parser, content null.
+    await generate(
+        tmp_path, SimulatorConfig(reasoning_layout="answer_in_field", reasoning_field=field)
+    )
+    assert_complete_output(tmp_path)
+    for gen_type, name in REASONING_OF.items():
+        assert all(r[name] == "" for r in read_gen(tmp_path, gen_type))  # it held only the answer
+
+
+async def test_a_teacher_cut_off_while_thinking_loses_each_item_saying_where(
+    tmp_path: Path,
+) -> None:
+    stats = await generate(tmp_path, SimulatorConfig(reasoning_layout="cut_off"))
+    assert sum(stats.records.values()) == 0
+    failures = [orjson.loads(line) for line in (tmp_path / FAILURES_FILE).read_bytes().splitlines()]
+    assert len(failures) == seed_count() * len(REASONING_OF)  # the first stage of every unit
+    for failure in failures:
+        assert (failure["check"], failure["attempts"]) == ("cut_off", 3)
+        assert "no answer: everything is inside <think>, never closed" in failure["message"]
+        assert "finish_reason=length" in failure["message"]
+        assert failure["body_excerpt"].startswith("Let me think this through.")
