@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from engine import quality, structured
 from engine.config import QualityConfig
 from engine.errors import InvalidReply, ItemError
+from engine.reasoning import Answered, answer_of
 from engine.structured import Mode
 from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
 
@@ -52,11 +53,13 @@ class Ask(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Parsed(Generic[T]):
-    """One validated choice, with the choice itself (for reasoning) and the model name."""
+    """One validated choice: its value, the reasoning behind it ("" when none), the choice
+    as received and the model name."""
 
     value: T
     choice: Choice
     model: str
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +194,14 @@ class Asker:
         model = reply.model or self.teacher.model
         for choice in reply.choices[: len(missing)]:
             try:
-                value = _parse(ask, choice, check)
+                got = _parse(ask, choice, check)
             except InvalidReply as err:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
                 self._count(ask.stage, err.check)
                 problem = err
                 continue
             self._count(ask.stage, "")
-            on_item(missing.pop(0), Parsed(value, choice, model))
+            on_item(missing.pop(0), Parsed(got.value, choice, model, got.reasoning))
         return problem
 
     def _count(self, stage: str, check: str) -> None:
@@ -206,21 +209,21 @@ class Asker:
             self.tally(stage, check)
 
 
-def _parse(ask: Ask[T], choice: Choice, check: Check) -> T:
+def _parse(ask: Ask[T], choice: Choice, check: Check) -> Answered[T]:
     try:
-        value = structured.parse_reply(choice.content, ask.reply)
+        got = answer_of(choice, ask.reply)
     except InvalidReply as err:
         if choice.finish_reason == "length":
             raise InvalidReply(
                 f"cut off at max_tokens={ask.max_tokens}: {err}", check="cut_off", body=err.body
             ) from err
         raise
-    rejected = check(value)
+    rejected = check(got.value)
     if rejected is not None:
         raise InvalidReply(
             str(rejected), check=rejected.check, body=choice.content[: structured.EXCERPT_CHARS]
         )
-    return value
+    return got
 
 
 def _note(slot: int, total: int, problem: InvalidReply | None, bad_rounds: int) -> str:
