@@ -31,6 +31,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import groupby
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -234,6 +235,7 @@ class Text:
     kind: Kind
     value: str
     question: str = ""  # for an answer inside a pair: its pair's question
+    item: int | None = None  # its item's index in a list reply (questions, facts, pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,10 @@ class Rejection:
     check: str
     field: str
     reason: str
+    # For a list reply: the reply without its rejected items (None when none passed), and
+    # how many items were rejected.
+    partial: BaseModel | None = None
+    dropped: int = 0
 
     def __str__(self) -> str:
         return f"{self.field}: {self.reason}"
@@ -379,13 +385,28 @@ def texts(value: BaseModel) -> Iterator[Text]:
     if isinstance(data.get("answer"), str):
         yield Text("answer", "answer", data["answer"])
     for i, question in enumerate(data.get("questions") or ()):
-        yield Text(f"questions[{i}]", "question", question)
+        yield Text(f"questions[{i}]", "question", question, item=i)
     for i, fact in enumerate(data.get("facts") or ()):
-        yield Text(f"facts[{i}].fact", "fact", fact["fact"])
-        yield Text(f"facts[{i}].context", "context", fact["context"])
+        yield Text(f"facts[{i}].fact", "fact", fact["fact"], item=i)
+        yield Text(f"facts[{i}].context", "context", fact["context"], item=i)
     for i, pair in enumerate(data.get("pairs") or ()):
-        yield Text(f"pairs[{i}].question", "question", pair["question"])
-        yield Text(f"pairs[{i}].answer", "answer", pair["answer"], question=pair["question"])
+        yield Text(f"pairs[{i}].question", "question", pair["question"], item=i)
+        yield Text(
+            f"pairs[{i}].answer", "answer", pair["answer"], question=pair["question"], item=i
+        )
+
+
+LIST_FIELDS = ("questions", "facts", "pairs")
+
+
+def without_items(value: BaseModel, dropped: set[int]) -> BaseModel | None:
+    """``value`` (a list reply) without the items at ``dropped``; None when none is left."""
+    for name in LIST_FIELDS:
+        items = getattr(value, name, None)
+        if isinstance(items, list):
+            kept = [item for i, item in enumerate(items) if i not in dropped]
+            return value.model_copy(update={name: kept}) if kept else None
+    return None
 
 
 # --- the unit's memory and the gate ----------------------------------------------------------
@@ -411,7 +432,9 @@ class Gate:
     """The checks for one stage's replies; call it on a parsed reply.
 
     Returns the first ``Rejection``, or None after recording the reply's texts in ``seen`` (a
-    reply accepted here is kept: later replies of the unit must differ from it).
+    reply accepted here is kept: later replies of the unit must differ from it). A list
+    reply's items are judged each: the rejection carries the reply without its bad items
+    (``partial``), which the Asker keeps when asking again has not brought a clean reply.
     """
 
     config: QualityConfig
@@ -435,24 +458,57 @@ class Gate:
         g = self.grounding
         allowed = f"{g.source}\n{g.chunk}"
         norm_allowed = f"{_normalised(g.source)}\n{_normalised(g.chunk)}"
-        fresh: dict[str, list[str]] = {}
-        for text in texts(value):
-            norm = normalise(text.value)
-            j = Judged(text, norm, g, self.scaffolding, self.config, allowed, norm_allowed)
-            for code, check in CHECKS:
-                reason = check(j)
-                if reason is not None:
-                    return Rejection(code, text.field, reason)
-            if text.kind in DISTINCT_KINDS:
-                taken = fresh.setdefault(text.kind, [])
-                if norm in taken or (
-                    self.seen is not None and self.seen.has(text.kind, g.source, norm)
-                ):
-                    what = "this reply" if norm in taken else "the unit"
-                    reason = f"{excerpt(text.value)!r} repeats an earlier {text.kind} of {what}"
-                    return Rejection("duplicate", text.field, reason)
-                taken.append(norm)
+        first: Rejection | None = None
+        bad: set[int] = set()
+        # Texts of the items that passed so far, by kind: a later repeat is a duplicate.
+        taken: dict[str, list[str]] = {}
+        for item, group in groupby(texts(value), key=lambda t: t.item):
+            mine: list[tuple[str, str]] = []
+            rejected = None
+            for text in group:
+                j = Judged(
+                    text, normalise(text.value), g, self.scaffolding, self.config, allowed,
+                    norm_allowed,
+                )  # fmt: skip
+                if (rejected := self._judge(j, taken, mine)) is not None:
+                    break
+            if rejected is None:
+                for kind, norm in mine:
+                    taken.setdefault(kind, []).append(norm)
+                continue
+            first = first or rejected
+            if item is None:
+                return first  # a single text (summary, answer): nothing else to judge
+            bad.add(item)
+        if first is not None:
+            return Rejection(
+                first.check, first.field, first.reason, without_items(value, bad), len(bad)
+            )
         if self.seen is not None:
-            for kind, norms in fresh.items():
+            for kind, norms in taken.items():
                 self.seen.add(kind, g.source, norms)
+        return None
+
+    def _judge(
+        self, j: Judged, taken: dict[str, list[str]], pending: list[tuple[str, str]]
+    ) -> Rejection | None:
+        """The first check ``j`` fails, the duplicate check last (against the unit, the items
+        passed so far and ``pending``, its own item's texts; a new text joins ``pending``)."""
+        for code, check in CHECKS:
+            reason = check(j)
+            if reason is not None:
+                return Rejection(code, j.text.field, reason)
+        kind = j.text.kind
+        if kind not in DISTINCT_KINDS:
+            return None
+        earlier = taken.get(kind, ())
+        mine = [n for k, n in pending if k == kind]
+        in_reply = j.norm in earlier or j.norm in mine
+        if in_reply or (
+            self.seen is not None and self.seen.has(kind, self.grounding.source, j.norm)
+        ):
+            what = "this reply" if in_reply else "the unit"
+            reason = f"{excerpt(j.text.value)!r} repeats an earlier {kind} of {what}"
+            return Rejection("duplicate", j.text.field, reason)
+        pending.append((kind, j.norm))
         return None

@@ -403,3 +403,26 @@ async def test_junk_over_http_that_persists_is_in_failures_with_its_check(tmp_pa
     # Everything else of the same run is complete.
     for gen_type in ("extractive_summary", "detailed_summary", "key_facts_to_qa"):
         assert len(read_gen(tmp_path, gen_type)) == len(DOCS) * EXPECTED_PER_DOC[gen_type]
+
+
+async def test_the_good_items_of_a_list_that_never_comes_clean_are_kept() -> None:
+    """Asked three times, the questions always hold one junk item: the four good ones of the
+    best try are kept, the junk one is the unit's failure, with its check."""
+    good = [f"Which step of photosynthesis is number {i}?" for i in range(4)]
+
+    def script(request: ChatRequest) -> ChatReply | None:
+        if request.stage.endswith("/questions"):
+            return reply({"questions": [good[0], "]", *good[1:]]})
+        return None
+
+    result, tally = await run("document_based_qa", FakeTeacher(script))
+    assert [r["question"] for r in result.records] == good
+    (failure,) = result.failures
+    assert (failure.stage, failure.item, failure.check, failure.attempts) == (
+        "document_based_qa/questions",
+        "questions",
+        "no_letters",
+        3,
+    )
+    assert failure.message.startswith("kept 4 of 5 items; left out: questions[1]: no letter")
+    assert tally[("document_based_qa/questions", "no_letters")] == 3

@@ -431,3 +431,29 @@ def test_a_gate_without_a_unit_memory_still_rejects_repeats_within_a_reply() -> 
     twice = questions_model(3)(questions=["Why is it?", "why is it"])
     got = gate(twice)
     assert got is not None and got.check == "duplicate"
+
+
+def test_a_rejected_list_reply_carries_its_items_that_passed() -> None:
+    asks = stage_asks(SEED)
+    good = ["Where is RuBisCO found?", "What does light split?"]
+    got = asker().gate(asks["questions"])(questions_model(3)(questions=[good[0], "]", good[1]]))
+    assert got is not None and (got.check, got.field, got.dropped) == (
+        "no_letters",
+        "questions[1]",
+        1,
+    )
+    assert isinstance(got.partial, BaseModel) and got.partial.model_dump() == {"questions": good}
+    # A pair goes as a whole when its answer fails; a repeat of a kept item is dropped too.
+    pairs = [
+        {"question": "What does RuBisCO fix?", "answer": "Carbon dioxide."},
+        {"question": "Where is it?", "answer": "Answer"},
+        {"question": "what does rubisco fix", "answer": "CO2."},
+    ]
+    got = asker().gate(asks["qa"])(qa_pairs_model(3).model_validate({"pairs": pairs}))
+    assert got is not None and got.check == "field_name" and got.dropped == 2
+    assert got.partial is not None and got.partial.model_dump() == {"pairs": pairs[:1]}
+    # Nothing passed, or a single text: nothing to keep.
+    none_left = asker().gate(asks["questions"])(questions_model(3)(questions=["]", "[]"]))
+    assert none_left is not None and none_left.partial is None and none_left.dropped == 2
+    single = asker().gate(asks["answer"])(Answer(answer="]["))
+    assert single is not None and single.partial is None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -60,6 +60,9 @@ class Parsed(Generic[T]):
     choice: Choice
     model: str
     reasoning: str = ""
+    # Items of a list reply that the content checks rejected on every try and that were left
+    # out of ``value``: for the failure log (``Unit.ask``). None: nothing left out.
+    dropped: InvalidReply | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,15 @@ Tally = Callable[[str, str], None]
 
 def _accept_all(value: BaseModel) -> quality.Rejection | None:
     return None
+
+
+class _Rejected(InvalidReply):
+    """A choice the content checks rejected; for a list reply, with its items that passed."""
+
+    def __init__(self, rejection: quality.Rejection, body: str, salvage: Parsed[Any] | None):
+        super().__init__(str(rejection), check=rejection.check, body=body)
+        self.salvage = salvage
+        self.dropped = rejection.dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +166,7 @@ class Asker:
         """Fill ``slots`` with valid samples, one request per round for all still missing."""
         missing = list(slots)
         problem: InvalidReply | None = None
+        best: _Rejected | None = None  # the list reply whose passing items are the most
         bad_rounds = 0
         while True:
             note = _note(missing[0], total, problem, bad_rounds)
@@ -171,12 +184,30 @@ class Asker:
             if round_problem is None:
                 continue  # fewer choices than asked, all valid: top up, no attempt spent
             problem = round_problem
+            if isinstance(problem, _Rejected) and _items(problem) > _items(best):
+                best = problem
             bad_rounds += 1
             if bad_rounds >= self.attempts:
                 error = InvalidReply(
                     str(problem), check=problem.check, body=problem.body, attempts=bad_rounds
                 )
+                if len(missing) == 1 and self._salvage(best, check, missing, on_item):
+                    return None
                 return Lost(tuple(missing), error)
+
+    def _salvage(
+        self, best: _Rejected | None, check: Check, missing: list[int], on_item: OnItem[T]
+    ) -> bool:
+        """Keep the items of ``best`` that passed, when no try brought a clean reply: asking
+        again cost nothing, and throwing them away would cost good data. The items left out
+        are reported with the value (``Parsed.dropped``)."""
+        if best is None or best.salvage is None or check(best.salvage.value) is not None:
+            return False  # re-judged: the unit may have taken the same texts meanwhile
+        kept = _items(best)
+        note = f"kept {kept} of {kept + best.dropped} items; left out: {best}"
+        dropped = InvalidReply(note, check=best.check, body=best.body, attempts=self.attempts)
+        on_item(missing.pop(0), replace(best.salvage, dropped=dropped))
+        return True
 
     def _take(
         self,
@@ -194,7 +225,7 @@ class Asker:
         model = reply.model or self.teacher.model
         for choice in reply.choices[: len(missing)]:
             try:
-                got = _parse(ask, choice, check)
+                got = _parse(ask, choice, check, model)
             except InvalidReply as err:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
                 self._count(ask.stage, err.check)
@@ -209,7 +240,14 @@ class Asker:
             self.tally(stage, check)
 
 
-def _parse(ask: Ask[T], choice: Choice, check: Check) -> Answered[T]:
+def _items(rejected: _Rejected | None) -> int:
+    """How many items of a rejected list reply passed."""
+    if rejected is None or rejected.salvage is None:
+        return 0
+    return sum(len(getattr(rejected.salvage.value, f, ())) for f in quality.LIST_FIELDS)
+
+
+def _parse(ask: Ask[T], choice: Choice, check: Check, model: str) -> Answered[T]:
     try:
         got = answer_of(choice, ask.reply)
     except InvalidReply as err:
@@ -220,9 +258,11 @@ def _parse(ask: Ask[T], choice: Choice, check: Check) -> Answered[T]:
         raise
     rejected = check(got.value)
     if rejected is not None:
-        raise InvalidReply(
-            str(rejected), check=rejected.check, body=choice.content[: structured.EXCERPT_CHARS]
-        )
+        salvage = None
+        if rejected.partial is not None:
+            partial: Any = rejected.partial
+            salvage = Parsed(partial, choice, model, got.reasoning)
+        raise _Rejected(rejected, choice.content[: structured.EXCERPT_CHARS], salvage)
     return got
 
 

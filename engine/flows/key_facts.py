@@ -75,13 +75,14 @@ class KeyFactsFlow:
         )
 
     async def _facts(self, unit: Unit) -> None:
-        got = await unit.asker.one(self._facts_ask(unit.seed, unit.seen))
+        got = await unit.ask(self._facts_ask(unit.seed, unit.seen), "key_facts")
         for i, fact in enumerate(got.value.facts):
             path = (f"f{i:03d}",)
             unit.spawn(unit.stage("qa"), label(path), self._qa(unit, path, fact))
 
     async def _qa(self, unit: Unit, path: tuple[str, ...], fact: KeyFact) -> None:
-        got = await unit.asker.one(self._qa_ask(unit.seed, fact.fact, fact.context, unit.seen))
+        ask = self._qa_ask(unit.seed, fact.fact, fact.context, unit.seen)
+        got = await unit.ask(ask, label(path))
         document = _grounding(fact.fact, fact.context)
         for j, pair in enumerate(got.value.pairs):
             unit.add(

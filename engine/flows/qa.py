@@ -52,7 +52,7 @@ class QuestionsThenAnswers:
 
     async def questions_step(self, unit: Unit, path: tuple[str, ...], document: str) -> None:
         ask = self.questions_ask(unit.seed, unit.stage("questions"), document, unit.seen)
-        got = await unit.asker.one(ask)
+        got = await unit.ask(ask, label(path) or "questions")
         for j, question in enumerate(got.value.questions):
             qpath = (*path, f"q{j:0{self.digits}d}")
             unit.spawn(

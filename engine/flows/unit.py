@@ -13,11 +13,13 @@ import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from engine import prompts, quality
 from engine.errors import FatalRunError, ItemError
-from engine.flows.ask import Ask, Asker
+from engine.flows.ask import Ask, Asker, Parsed
 from engine.flows.base import Failure, StagePlan, UnitResult
 from engine.records import make_record
 from engine.seeds import SeedRow
@@ -25,6 +27,7 @@ from engine.structured import Verdict
 
 log = logging.getLogger(__name__)
 REASON_EXCERPT_CHARS = 200
+T = TypeVar("T", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,14 @@ class Unit:
             await step
         except ItemError as err:
             self.fail(stage, item, err)
+
+    async def ask(self, ask: Ask[T], item: str) -> Parsed[T]:
+        """``asker.one(ask)`` for ``item``; the items of a list reply that were left out
+        because they failed the content checks on every try become its failure."""
+        got = await self.asker.one(ask)
+        if got.dropped is not None:
+            self.fail(ask.stage, item, got.dropped)
+        return got
 
     def fail(self, stage: str, item: str, err: ItemError) -> None:
         log.info("%s %s %s lost: %s", self.seed.doc_id, stage, item, err)
