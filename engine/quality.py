@@ -13,7 +13,8 @@ Checks (code: what it rejects):
 
 - ``blank``: nothing but spacing.
 - ``no_letters``: not one letter of any script (an answer may be a bare number).
-- ``field_name``: the whole text is a name from the reply's schema ("questions", "Answer").
+- ``field_name``: the whole text is a name from the reply schemas or a word the prompt quotes
+  ("questions", "Answer", "Question 1").
 - ``template``: template or chat-markup braces (``{{``, ``{%``, ``<|``) the source lacks.
 - ``scaffolding``: a tag of the prompt (``<document>``) or a sentence of its instructions.
 - ``example_copy``: one of the seed's example questions, or a sentence of its example
@@ -21,7 +22,8 @@ Checks (code: what it rejects):
 - ``question_echo``: an answer that is its question again.
 - ``length``: too short or too long for what it was made from (see ``QualityConfig``), or a
   question too short to name what it asks about ("a", "Q?").
-- ``duplicate``: a question, fact or summary the unit already has from the same source.
+- ``duplicate``: a question, fact or summary the unit already has from the same source, or
+  that the reply holds twice.
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ TEMPLATE_MARKS = ("{{", "}}", "{%", "%}", "{#", "#}", "<|", "|>")
 # Quoted texts shorter than this are left in the prompt: taking out every "a" would mangle it.
 MIN_QUOTED_CHARS = 3
 _TAG = re.compile(r"</?[A-Za-z_][\w-]*>")
-# A word the prompt's instructions quote ('the "questions" list', 'do not refer to "the text"').
+# Where a name in CamelCase splits into words ("KeyFacts", "QAPair").
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# A word the prompt's instructions quote ('the "questions" list', 'do not refer to "the text"').
 _QUOTED = re.compile(r'"([^"\n]{1,40})"')
 # Every reply model: a reply that is a name from any of them ("Question" where questions are
 # asked) is the format echoed, not content.
 REPLY_MODELS: tuple[type[BaseModel], ...] = (Summary, Answer, Questions, KeyFacts, QAPairs, Verdict)
-# Where instruction text splits into sentences (any script's full stops, and line ends).
+# Where instruction text splits into sentences: full stops, question and exclamation marks of
+# several scripts, semicolons and line ends.
 _SENTENCE_END = re.compile(r"[.!?;\n\u3002\uff01\uff1f\u0964\u06d4\u061f]+")
-# Kinds that must be distinct within their source, and the ones an answer may be a number.
+# Kinds that must be distinct within their source.
 DISTINCT_KINDS: frozenset[str] = frozenset({"summary", "question", "fact"})
 
 
