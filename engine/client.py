@@ -36,6 +36,7 @@ from engine.errors import (
 )
 from engine.limits import Lease, RequestLimiter
 from engine.outage import Outcome
+from engine.redact import redact
 from engine.retry import backoff, classify, retry_after
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Choice, Usage
@@ -78,6 +79,8 @@ class HTTPTeacher:
         self._rng = rng if rng is not None else random.Random()
         self._cache = cache
         self._session: aiohttp.ClientSession | None = None
+        key = teacher.api_key
+        self._secret = key.get_secret_value() if key is not None else None
         self.endpoints = EndpointPool(
             teacher.urls,
             threshold=retry.outage_threshold,
@@ -88,8 +91,8 @@ class HTTPTeacher:
 
     async def __aenter__(self) -> Self:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._config.api_key is not None:
-            headers["Authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        if self._secret is not None:
+            headers["Authorization"] = f"Bearer {self._secret}"
         # aiohttp's default connector limit (100) would silently cap concurrency below ours.
         connector = aiohttp.TCPConnector(
             limit=self._limiter.max_concurrency + _SPARE_CONNECTIONS, limit_per_host=0
@@ -268,7 +271,7 @@ class HTTPTeacher:
             return reply
         if decision == "auth":
             raise AuthError(url, status)
-        excerpt = _excerpt(raw)
+        excerpt = _excerpt(raw, self._secret)
         if decision == "reject":
             raise RequestRejected(
                 f"the teacher rejected the request: HTTP {status}: {excerpt}",
@@ -352,8 +355,9 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _excerpt(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
+def _excerpt(raw: bytes, secret: str | None = None) -> str:
+    """The start of a body, on one line; a key the server echoed back is taken out first."""
+    text = redact(raw.decode("utf-8", errors="replace"), secret)
     return " ".join(text.split())[:_EXCERPT_CHARS]
 
 

@@ -26,12 +26,12 @@ from engine import __version__
 from engine.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.config import Config
 from engine.progress_view import duration
+from engine.redact import redact
 from engine.stats import Stats
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "run_report.json"
-_REDACTED = "[redacted]"
 _CRASH_CHARS = 300
 _ROW = "  {:<20} {:>6} {:>6} {:>8} {:>16} {:>8}"
 
@@ -55,16 +55,23 @@ def build(
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict; every path in it is absolute.
 
-    The API key is replaced wherever it appears: nothing in the report should hold it (the
-    fatal reason is an error message, the endpoints lose any user info), and this makes sure.
+    Nothing in it holds the API key: the endpoints lose any user info, and the one free-text
+    value, the reason (an error message, perhaps quoting a server), goes through
+    ``engine.redact``. Field names and paths are never rewritten.
     """
     out = config.output.dir.resolve()
+    key = config.teacher.api_key
+    secret = key.get_secret_value() if key is not None else None
     wall = stats.elapsed()
     minutes = wall / 60
     ended = time.time() if now is None else now
     report: dict[str, Any] = {
         "engine_version": __version__,
-        "exit": {"code": outcome.exit_code, "status": outcome.status, "reason": outcome.reason},
+        "exit": {
+            "code": outcome.exit_code,
+            "status": outcome.status,
+            "reason": redact(outcome.reason, secret),
+        },
         "started_at": _iso(stats.started_at),
         "ended_at": _iso(ended),
         "wall_time_s": round(wall, 3),
@@ -115,9 +122,7 @@ def build(
             "report": str(out / REPORT_FILE),
         },
     }
-    key = config.teacher.api_key
-    scrubbed: dict[str, Any] = _scrub(report, key.get_secret_value() if key else None)
-    return scrubbed
+    return report
 
 
 def describe_crash(err: BaseException) -> str:
@@ -237,15 +242,3 @@ def public_url(url: str) -> str:
         port = None
     netloc = f"{host}:{port}" if port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _scrub(value: Any, secret: str | None) -> Any:
-    if not secret:
-        return value
-    if isinstance(value, str):
-        return value.replace(secret, _REDACTED)
-    if isinstance(value, Mapping):
-        return {_scrub(k, secret): _scrub(v, secret) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub(v, secret) for v in value]
-    return value
