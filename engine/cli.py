@@ -164,11 +164,12 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
         log.warning("interrupted: finished units are saved; run the same command to resume")
         name = signal.Signals(interrupted - 128).name
         return Outcome(interrupted, "interrupted", f"{name}: finished units are saved; resumable")
-    for cause in fatal:
+    causes = _distinct(fatal)
+    for cause in causes:
         log.error("run stopped: %s", cause)
-    if fatal:
+    if causes:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
-        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in fatal))
+        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in causes))
     log.info("output in %s", config.output.dir)
     if stats.failures:
         failed = sum(stats.failures.values())
@@ -186,6 +187,14 @@ def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: Out
     except OSError as err:
         log.error("could not write %s: %s", report.REPORT_FILE, err)
     print(report.summary(content), flush=True)
+
+
+def _distinct(errors: list[Exception]) -> list[Exception]:
+    """One of each cause, in order: every worker that met the same fault raised it."""
+    first: dict[tuple[type[Exception], str], Exception] = {}
+    for err in errors:
+        first.setdefault((type(err), str(err)), err)
+    return list(first.values())
 
 
 def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:

@@ -32,6 +32,7 @@ from engine.stats import Stats
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "run_report.json"
+MIN_RATE_SPAN_S = 60.0
 _CRASH_CHARS = 300
 _ROW = "  {:<20} {:>6} {:>6} {:>8} {:>16} {:>8}"
 
@@ -63,7 +64,9 @@ def build(
     key = config.teacher.api_key
     secret = key.get_secret_value() if key is not None else None
     wall = stats.elapsed()
-    minutes = wall / 60
+    # Over less than a minute a per-minute figure is mostly the limiter's start-up burst
+    # scaled up, and reads like a broken cap: not given.
+    minutes = wall / 60 if wall >= MIN_RATE_SPAN_S else None
     ended = time.time() if now is None else now
     report: dict[str, Any] = {
         "engine_version": __version__,
@@ -108,8 +111,9 @@ def build(
             "total": stats.tokens,
         },
         "rates_per_minute": {
-            "requests": round(stats.requests_sent / minutes, 1) if minutes else 0.0,
-            "tokens": round(stats.tokens / minutes, 1) if minutes else 0.0,
+            # Over the whole run (wall_time_s); None when it lasted less than a minute.
+            "requests": None if minutes is None else round(stats.requests_sent / minutes, 1),
+            "tokens": None if minutes is None else round(stats.tokens / minutes, 1),
             # None: no cap.
             "requests_cap": config.limits.requests_per_minute or None,
             "tokens_cap": config.limits.tokens_per_minute or None,
@@ -194,12 +198,24 @@ def summary(report: Mapping[str, Any]) -> str:
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
         f"  tokens: {tok['prompt']} in, {tok['completion']} out",
         _teacher_line(report["teacher"]),
-        f"  per minute: {rates['requests']:.0f} requests (cap {_cap(rates['requests_cap'])}), "
-        f"{rates['tokens']:.0f} tokens (cap {_cap(rates['tokens_cap'])})",
+        _rates_line(rates, req["sent"], tok["total"], report["wall_time_s"]),
         f"  wall time {duration(report['wall_time_s'])}; output in {files['output_dir']}",
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _rates_line(rates: Mapping[str, Any], sent: int, tokens: int, wall_s: float) -> str:
+    caps = f"cap {_cap(rates['requests_cap'])} requests, {_cap(rates['tokens_cap'])} tokens"
+    if rates["requests"] is None:
+        return (
+            f"  rates: {sent} requests and {tokens} tokens in {wall_s:.1f} s "
+            f"(under a minute: no per-minute figures; {caps} per minute)"
+        )
+    return (
+        f"  per minute, over the whole run: {rates['requests']:.0f} requests, "
+        f"{rates['tokens']:.0f} tokens ({caps})"
+    )
 
 
 def _teacher_line(teacher: Mapping[str, Any]) -> str:
