@@ -1,7 +1,8 @@
 """Command line: ``python -m engine run|validate|plan CONFIG [--set section.key=value ...]``.
 
 Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials);
-2 bad configuration, seeds path or output directory (nothing was sent);
+2 bad configuration, seeds path or output directory, or the output directory in use by
+another run (nothing was sent);
 3 the run finished but some items failed (listed in failures.jsonl);
 130/143 stopped by SIGINT/SIGTERM (resumable).
 """

@@ -24,6 +24,14 @@ class ConfigError(EngineError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class OutputInUse(ConfigError):
+    """Another run holds the output directory (``engine.lock``): this one must not start."""
+
+    def __init__(self, message: str) -> None:
+        self.problems = [message]
+        EngineError.__init__(self, message)
+
+
 class FatalRunError(EngineError):
     """Every further request would fail the same way: the run must stop."""
 
