@@ -17,8 +17,8 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from engine import __version__, report
-from engine.config import Config, load_config
+from engine import __version__, network, report
+from engine.config import Config, TeacherConfig, load_config
 from engine.embedded import check_installed
 from engine.errors import ConfigError, FatalRunError
 from engine.job import check_paths, run_job
@@ -212,6 +212,22 @@ def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
     return leaves
 
 
+def _routes(teacher: TeacherConfig) -> str:
+    """Each endpoint and the proxy it goes through; ``ConfigError`` for an unusable proxy or
+    certificate setting, as the run would meet it."""
+    proxies = network.proxies_for(teacher.urls)
+    if any(url.startswith("https:") for url in teacher.urls) and (
+        problems := network.cert_env_problems()
+    ):
+        raise ConfigError(problems)
+    routes = []
+    for url in teacher.urls:
+        proxy = proxies.get(url)
+        via = "" if proxy is None else f" via proxy {proxy.public} ({proxy.variable})"
+        routes.append(report.public_url(url) + via)
+    return ", ".join(routes)
+
+
 def _validate(config: Config) -> int:
     check_paths(config)
     teacher = config.teacher
@@ -219,8 +235,7 @@ def _validate(config: Config) -> int:
         check_installed()  # a missing extra is found now, not when the run starts
         print("teacher: none set: the embedded demo teacher (a tiny local model) would run")
     else:
-        urls = ", ".join(report.public_url(url) for url in teacher.urls)
-        print(f"teacher: {teacher.model} at {urls} (not contacted)")
+        print(f"teacher: {teacher.model} at {_routes(teacher)} (not contacted)")
     good = rejected = 0
     for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):

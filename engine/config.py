@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from engine.errors import ConfigError
+from engine.network import ca_bundle_problem
 
 GenType = Literal["extractive_summary", "detailed_summary", "key_facts_to_qa", "document_based_qa"]
 GEN_TYPES: tuple[GenType, ...] = (
@@ -75,6 +76,10 @@ class TeacherConfig(_Section):
     """Sent as a Bearer token. Set it only via TEACHER_MODEL_API_KEY (environment or .env).
     Whitespace around it (a pasted newline) is dropped; a control character inside it is an
     error."""
+    ca_bundle: str = ""
+    """A PEM file of CA certificates to trust besides the system's (an endpoint behind a
+    private certificate authority); "" = the system's only (SSL_CERT_FILE / SSL_CERT_DIR are
+    honoured as usual). Proxies come from HTTPS_PROXY / HTTP_PROXY / NO_PROXY."""
     timeout_s: float = Field(600.0, gt=0, le=24 * 3600)
     """Per request; keep it above the longest legitimate reply (a retry starts over)."""
     connect_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -99,6 +104,13 @@ class TeacherConfig(_Section):
         if problem := _key_problem(key):
             raise ValueError(f"TEACHER_MODEL_API_KEY {problem}")
         return key or None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable_bundle(cls, value: str) -> str:
+        if value and (problem := ca_bundle_problem(value)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("model", mode="before")
     @classmethod

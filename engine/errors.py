@@ -48,6 +48,26 @@ class AuthError(FatalRunError):
         )
 
 
+class TLSVerificationError(FatalRunError):
+    """A server's certificate failed verification: every connection would fail the same way.
+
+    ``host`` is the server whose certificate it was (the teacher's, or an https:// proxy's).
+    """
+
+    def __init__(self, host: str, message: str) -> None:
+        self.host = host
+        super().__init__(message)
+
+
+class ProxyRefused(FatalRunError):
+    """The proxy refused the run's requests (407: credentials; 403: its policy)."""
+
+    def __init__(self, proxy: str, status: int, message: str) -> None:
+        self.proxy = proxy
+        self.status = status
+        super().__init__(message)
+
+
 class EmbeddedTeacherError(FatalRunError):
     """The embedded demo teacher (a local llama.cpp server) did not start or stopped."""
 
@@ -77,6 +97,12 @@ class TeacherTimeout(RetryableError):
 
 class TeacherConnectionError(RetryableError):
     kind = "connection"
+
+
+class TeacherDNSError(TeacherConnectionError):
+    """A host name (the teacher's, or the proxy's) did not resolve."""
+
+    kind = "dns"
 
 
 class TeacherHTTPError(RetryableError):
