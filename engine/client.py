@@ -408,23 +408,57 @@ def _reason(err: RetryableError) -> str:
     return str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
 
 
+# Where servers put the reasoning they set apart: vLLM has used both names across releases.
+_REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
 def _choice(item: Any, raw: bytes) -> Choice:
     message = item.get("message") if isinstance(item, dict) else None
     if not isinstance(message, dict):
         raise _malformed("a choice has no message", raw)
-    content = message.get("content")
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise _malformed("a message's content is not text", raw)
-    # vLLM has used both names across releases.
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    content, thinking = _content(message.get("content"), raw)
+    field, reasoning = next(
+        (
+            (name, value)
+            for name in _REASONING_FIELDS
+            if isinstance(value := message.get(name), str) and value
+        ),
+        (None, ""),
+    )
+    if thinking:
+        reasoning = "\n\n".join(part for part in (reasoning, thinking) if part)
+        field = f"{field} and thinking blocks" if field else "thinking blocks of content"
     finish = item.get("finish_reason")
     return Choice(
         content=content,
-        reasoning=reasoning if isinstance(reasoning, str) else None,
+        reasoning=reasoning or None,
         finish_reason=finish if isinstance(finish, str) else None,
+        reasoning_field=field or "reasoning",
     )
+
+
+def _content(value: Any, raw: bytes) -> tuple[str, str]:
+    """A message's content as (text, thinking): a string, null, or a list of typed blocks,
+    where ``thinking`` blocks hold reasoning (Mistral's API for its reasoning models)."""
+    if value is None:
+        return "", ""
+    if isinstance(value, str):
+        return value, ""
+    if not isinstance(value, list) or not all(isinstance(block, dict) for block in value):
+        raise _malformed("a message's content is not text", raw)
+    text = "".join(_block_text(b) for b in value if b.get("type") == "text")
+    thinking = "".join(_block_text(b, "thinking") for b in value if b.get("type") == "thinking")
+    return text, thinking
+
+
+def _block_text(block: dict[str, Any], key: str = "text") -> str:
+    """The text of a content block, whose ``key`` is a string or a list of text blocks."""
+    value = block.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_block_text(b) for b in value if isinstance(b, dict))
+    return ""
 
 
 def _count(value: Any) -> int:

@@ -2,7 +2,9 @@
 
 Resuming into a directory whose units were generated with other settings would mix two
 datasets in one file without a trace, so it is refused unless asked for (``--force``), or
-the old output is moved aside (``--fresh``).
+the old output is moved aside (``--fresh``). Resuming into a directory whose records have
+another shape (``output_schema``, see ``engine.records``) is refused even with ``--force``:
+one file with two shapes is one that Module 4 cannot load.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from engine.aside import aside_name
 from engine.config import Config
 from engine.errors import ConfigError
 from engine.lock import LOCK_FILE
+from engine.records import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+# What a manifest without ``output_schema`` was written by: the engine before it was recorded.
+_FIRST_SCHEMA = 1
 
 
 def settings_by_type(config: Config) -> dict[str, dict[str, Any]]:
@@ -49,6 +54,8 @@ def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: b
     path = out_dir / MANIFEST_FILE
     current = settings_by_type(config)
     previous = _read(path) if has_output else {}
+    if has_output:
+        _check_schema(out_dir, previous)
     changes = _changes(previous.get("settings", {}), current)
     if changes and not force:
         raise ConfigError(
@@ -64,6 +71,7 @@ def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: b
     merged = {**previous.get("settings", {}), **current}
     manifest = {
         "engine_version": __version__,
+        "output_schema": OUTPUT_SCHEMA,
         "config_hash": _hash(merged),
         "settings": merged,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -86,6 +94,27 @@ def move_aside(out_dir: Path) -> Path | None:
         raise ConfigError([f"--fresh: cannot move {out_dir} to {target}: {err}"]) from None
     log.warning("--fresh: previous output moved to %s", target)
     return target
+
+
+def _check_schema(out_dir: Path, previous: dict[str, Any]) -> None:
+    """Refuse (``ConfigError``) to add records to output written in another record shape."""
+    schema = previous.get("output_schema", _FIRST_SCHEMA)
+    if schema == OUTPUT_SCHEMA:
+        return
+    version = previous.get("engine_version")
+    by = f"engine {version}" if version else "an engine that did not record it"
+    newer = isinstance(schema, int) and schema > OUTPUT_SCHEMA
+    remedy = "resume it with that engine, or run with --fresh" if newer else "run with --fresh"
+    raise ConfigError(
+        [
+            f"{out_dir} holds records of output schema version {schema} (written by {by}); "
+            f"this engine ({__version__}) writes version {OUTPUT_SCHEMA}: adding to it would "
+            "mix two record shapes in one gen.jsonl, which Module 4 cannot load "
+            "(--force does not apply)",
+            f"{remedy} to start over (the old output is moved aside to "
+            f"{out_dir.name}.old-<time>, never deleted), or set output.dir to another directory",
+        ]
+    )
 
 
 def _read(path: Path) -> dict[str, Any]:

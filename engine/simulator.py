@@ -2,7 +2,7 @@
 
 Replies are deterministic JSON instances of the requested schema (``json_schema``,
 ``json_object`` or a ``<schema>...</schema>`` block in the prompt), with knobs for
-latency, rate limits and injected faults.
+latency, rate limits, injected faults and the reply layouts of reasoning models.
 
     python -m engine.simulator --port 8000 --latency-mean 1.0 --latency-sigma 0.6
 """
@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import orjson
 from aiohttp import web
@@ -37,6 +37,23 @@ _SCHEMA_MARKERS = re.compile(r"<schema>(.*?)</schema>", re.DOTALL)
 # json_object mode without any schema still has to answer with some JSON object.
 _ANY_OBJECT: dict[str, Any] = {"type": "object", "properties": {"result": {"type": "string"}}}
 
+# How a reasoning teacher lays out its reply (see engine/reasoning.py for the real ones):
+#   field: the answer in content, the reasoning in ``reasoning_field`` (a reasoning parser);
+#   answer_in_field: content null, the answer in ``reasoning_field`` (guided decoding with a
+#     reasoning parser, vllm #16182);
+#   thinking_blocks: content as typed blocks, thinking then text (Mistral's API);
+#   inline: content is <open>reasoning<close> then the answer (no reasoning parser);
+#   template_opened: content is reasoning<close> then the answer (the template opened it);
+#   cut_off: content is <open>reasoning, never closed, finish_reason "length".
+# The reasoning holds a draft of the answer whose strings start with DRAFT_MARK (valid
+# for schemas that constrain strings only to be there, as the engine's do): a client that
+# parses the reasoning as the answer writes them into its records.
+ReasoningLayout = Literal[
+    "field", "answer_in_field", "thinking_blocks", "inline", "template_opened", "cut_off"
+]
+REASONING_LAYOUTS: tuple[ReasoningLayout, ...] = get_args(ReasoningLayout)
+DRAFT_MARK = "DRAFT"
+
 
 @dataclass(frozen=True)
 class SimulatorConfig:
@@ -50,7 +67,10 @@ class SimulatorConfig:
     seed: int = 0
     array_items: int = 3
     boolean_value: bool = True
+    # The message field for reasoning; set alone, it means the "field" layout.
     reasoning_field: str | None = None
+    reasoning_layout: ReasoningLayout | None = None
+    think_tags: tuple[str, str] = ("<think>", "</think>")
     supports_n: bool = True
     rpm_limit: int = 0
     # Report completion tokens as max_tokens per choice: a teacher that always writes to its
@@ -62,6 +82,15 @@ class SimulatorConfig:
         numbers = (self.latency_mean_s, self.latency_sigma, self.array_items, self.rpm_limit)
         if min(numbers) < 0:
             raise ValueError("simulator latency, array_items and rpm_limit must be >= 0")
+        if self.reasoning_layout not in (None, *REASONING_LAYOUTS):
+            raise ValueError(f"unknown reasoning_layout {self.reasoning_layout!r}")
+
+    @property
+    def layout(self) -> ReasoningLayout | None:
+        """The reasoning layout in effect (None: the teacher does not reason)."""
+        if self.reasoning_layout is None and self.reasoning_field is not None:
+            return "field"
+        return self.reasoning_layout
 
 
 @dataclass
@@ -253,13 +282,11 @@ def _completion(body: dict[str, Any], config: SimulatorConfig, seq: int) -> dict
     completion_tokens = 0
     for index in range(count):
         seed = f"{request_seed}#{index}"
-        message: dict[str, Any] = {"role": "assistant", "content": _content(body, seed, config)}
-        completion_tokens += _tokens(message["content"])
-        if config.reasoning_field is not None:
-            reasoning = "Let me think this through. " + _lorem(seed + "/reasoning")
-            message[config.reasoning_field] = reasoning
-            completion_tokens += _tokens(reasoning)
-        choices.append({"index": index, "message": message, "finish_reason": "stop"})
+        answer = _content(body, seed, config)
+        thinking = "" if config.layout is None else _thinking(body, seed, config)
+        message, finish = _lay_out(answer, thinking, config)
+        completion_tokens += _tokens(answer) + (_tokens(thinking) if thinking else 0)
+        choices.append({"index": index, "message": message, "finish_reason": finish})
     prompt_tokens = sum(_tokens(_text_of(m.get("content"))) for m in body["messages"])
     max_tokens = body.get("max_tokens")
     if config.usage_fills_max_tokens and isinstance(max_tokens, int):
@@ -292,6 +319,52 @@ def _content(body: dict[str, Any], seed: str, config: SimulatorConfig) -> str:
         return orjson.dumps(instance).decode()
     pretty = orjson.dumps(instance, option=orjson.OPT_INDENT_2).decode()
     return f"Here is the result:\n```json\n{pretty}\n```\nHope this helps."
+
+
+def _thinking(body: dict[str, Any], seed: str, config: SimulatorConfig) -> str:
+    """Reasoning text, with a draft of the answer in it when a schema was asked for."""
+    text = "Let me think this through. " + _lorem(seed + "/reasoning")
+    schema, _ = _requested_schema(body)
+    if schema is None:
+        return text
+    draft = instance_for_schema(schema, seed + "/draft", array_items=config.array_items)
+    return f"{text} A first draft: {orjson.dumps(_mark_draft(draft)).decode()}"
+
+
+def _mark_draft(value: Any) -> Any:
+    if isinstance(value, str):
+        return f"{DRAFT_MARK} {value}"
+    if isinstance(value, list):
+        return [_mark_draft(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mark_draft(v) for k, v in value.items()}
+    return value
+
+
+def _lay_out(answer: str, thinking: str, config: SimulatorConfig) -> tuple[dict[str, Any], str]:
+    """The message and finish_reason of one choice, laid out as ``config.layout`` says."""
+    field = config.reasoning_field or "reasoning_content"
+    opening, closing = config.think_tags
+    message: dict[str, Any] = {"role": "assistant", "content": answer}
+    finish = "stop"
+    match config.layout:
+        case "field":
+            message[field] = thinking
+        case "answer_in_field":
+            message.update({"content": None, field: answer})
+        case "thinking_blocks":
+            message["content"] = [
+                {"type": "thinking", "thinking": [{"type": "text", "text": thinking}]},
+                {"type": "text", "text": answer},
+            ]
+        case "inline":
+            message["content"] = f"{opening}{thinking}{closing}\n\n{answer}"
+        case "template_opened":
+            message["content"] = f"{thinking}\n{closing}\n\n{answer}"
+        case "cut_off":
+            message["content"] = f"{opening}{thinking}"
+            finish = "length"
+    return message, finish
 
 
 def _requested_schema(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
@@ -432,6 +505,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--array-items", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reasoning-field", choices=("reasoning_content", "reasoning"))
+    parser.add_argument(
+        "--reasoning-layout", choices=REASONING_LAYOUTS, help="how a reasoning teacher replies"
+    )
+    parser.add_argument(
+        "--think-tags", nargs=2, default=("<think>", "</think>"), metavar=("OPEN", "CLOSE")
+    )
     parser.add_argument("--no-n", action="store_true", help="ignore n, like llama.cpp")
     return parser
 
@@ -453,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         array_items=args.array_items,
         reasoning_field=args.reasoning_field,
+        reasoning_layout=args.reasoning_layout,
+        think_tags=tuple(args.think_tags),
         supports_n=not args.no_n,
         rpm_limit=args.rpm_limit,
     )

@@ -152,12 +152,27 @@ def parse_reply(text: str, model: type[T]) -> T:
     Skips prose, code fences and bracketed text that is not JSON. A bare array is accepted
     for a model with a single field. Raises ``InvalidReply`` when nothing validates.
     """
+    return find_reply(text, model)[0]
+
+
+def find_reply(text: str, model: type[T], *, last: bool = False) -> tuple[T, int, int]:
+    """Like ``parse_reply``, with where the value is: ``(value, start, end)`` (characters).
+
+    ``last``: the last value that validates instead of the first (an answer written after
+    drafts, as in reasoning text).
+    """
     first_error: ValidationError | None = None
-    for value in _json_values(text):
+    found: tuple[T, int, int] | None = None
+    for value, start, end in _json_values(text):
         try:
-            return model.model_validate(_fit(value, model))
+            found = (model.model_validate(_fit(value, model)), start, end)
         except ValidationError as err:
             first_error = first_error or err
+            continue
+        if not last:
+            return found
+    if found is not None:
+        return found
     excerpt = text[:EXCERPT_CHARS]
     if first_error is None:
         raise InvalidReply(
@@ -168,8 +183,9 @@ def parse_reply(text: str, model: type[T]) -> T:
     )
 
 
-def _json_values(text: str) -> Iterator[Any]:
-    """Each JSON object or array in ``text``, left to right, not looking inside those found."""
+def _json_values(text: str) -> Iterator[tuple[Any, int, int]]:
+    """Each JSON object or array in ``text`` with its start and end, left to right, not
+    looking inside those found."""
     pos = 0
     failures = 0
     while failures < MAX_FAILED_STARTS and (match := _OPENERS.search(text, pos)):
@@ -186,7 +202,7 @@ def _json_values(text: str) -> Iterator[Any]:
             run = _RUN_OF_OPENERS.match(text, match.start())
             pos = run.end() if run else match.start() + 1
             continue
-        yield value
+        yield value, match.start(), end
         pos = end
 
 

@@ -70,9 +70,15 @@ class ChatRequest:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
+    """One choice as the server sent it: ``content`` ("" for null) and the reasoning the
+    server set apart, if any; inline reasoning is still in ``content`` (see
+    ``engine.reasoning``)."""
+
     content: str
     reasoning: str | None = None
     finish_reason: str | None = None
+    # Where the server put ``reasoning``, for messages: "reasoning_content", "reasoning"...
+    reasoning_field: str = "reasoning"
 
 
 @dataclass(frozen=True, slots=True)

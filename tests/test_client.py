@@ -168,6 +168,54 @@ async def test_parses_a_reply_with_several_choices(
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (11, 7)
 
 
+async def test_reasoning_says_where_the_server_put_it(
+    client: HTTPTeacher, mocked: aioresponses
+) -> None:
+    body = reply("one", "two", "three")
+    body["choices"][0]["message"]["reasoning_content"] = "older"
+    body["choices"][1]["message"]["reasoning"] = "newer"
+    body["choices"][2]["message"]["reasoning_content"] = None  # vLLM sends null when none
+    mocked.post(ENDPOINT, payload=body)
+
+    got = await client.complete(REQUEST)
+
+    assert [(c.reasoning, c.reasoning_field) for c in got.choices][:2] == [
+        ("older", "reasoning_content"),
+        ("newer", "reasoning"),
+    ]
+    assert got.choices[2].reasoning is None
+
+
+async def test_content_blocks_with_thinking_are_read(
+    client: HTTPTeacher, mocked: aioresponses
+) -> None:
+    # Mistral's API for its reasoning models: content is a list of typed blocks.
+    blocks = [
+        {
+            "type": "thinking",
+            "thinking": [{"type": "text", "text": "Let me "}, {"type": "text", "text": "see."}],
+        },
+        {"type": "text", "text": '{"answer": '},
+        {"type": "reference", "reference_ids": [1]},
+        {"type": "text", "text": '"42"}'},
+    ]
+    mocked.post(ENDPOINT, payload=reply(blocks))
+
+    (choice,) = (await client.complete(REQUEST)).choices
+
+    assert (choice.content, choice.reasoning) == ('{"answer": "42"}', "Let me see.")
+    assert choice.reasoning_field == "thinking blocks of content"
+
+
+@pytest.mark.parametrize("content", [42, {"text": "x"}, ["x"]])
+async def test_content_that_is_not_text_is_malformed(
+    client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep, content: object
+) -> None:
+    mocked.post(ENDPOINT, payload=reply(content), repeat=True)
+    with pytest.raises(RetriesExhausted, match="content is not text"):
+        await client.complete(REQUEST)
+
+
 async def test_missing_usage_counts_as_zero(client: HTTPTeacher, mocked: aioresponses) -> None:
     body = reply("x")
     del body["usage"]

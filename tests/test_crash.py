@@ -26,7 +26,13 @@ import pytest
 import pytest_asyncio
 
 from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
-from tests.test_e2e import EXPECTED_PER_DOC, MODULE4_FIELDS, REPO, SAMPLE_SEEDS, SMALL
+from tests.test_e2e import (
+    EXPECTED_PER_DOC,
+    REPO,
+    SAMPLE_SEEDS,
+    SMALL,
+    assert_record_shape,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -174,8 +180,7 @@ async def reference(
     for gen_type, per_doc in EXPECTED_PER_DOC.items():
         assert len(records[gen_type]) == DOCS * per_doc, gen_type
         for record in records[gen_type]:
-            for name in (*MODULE4_FIELDS, "id", "doc_id", "model", "domain"):
-                assert isinstance(record[name], str) and record[name].strip(), (gen_type, name)
+            assert_record_shape(record, gen_type)
     units = progress_units(out)
     assert len(units) == UNITS
     return Reference(out, seconds, records, units)

@@ -13,12 +13,15 @@ import pytest
 
 from engine.config import Config, load_config
 from engine.job import run_job
+from engine.records import record_fields
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SEEDS = REPO / "config" / "sample_seeds.jsonl"
-MODULE4_FIELDS = ("question", "response", "document", "raw_document", "document_outline")
+TEXT_FIELDS = ("question", "response", "document", "document_outline", "domain")
+# Where the raw chunk is: Module 4 renames base_document to raw_document for document QA only.
+CHUNK_FIELD = {"document_based_qa": "base_document"}
 # Small fan-out: N summaries, Q questions each, F facts x P pairs, D document questions.
 N, Q, F, P, D = 3, 2, 2, 3, 4
 EXPECTED_PER_DOC = {
@@ -68,6 +71,13 @@ def seed_count() -> int:
     return len(SAMPLE_SEEDS.read_bytes().splitlines())
 
 
+def assert_record_shape(record: dict[str, Any], gen_type: str) -> None:
+    """Every field of the type, in order, and the texts Module 4 reads not empty."""
+    assert list(record) == list(record_fields(gen_type)), gen_type
+    for field in (*TEXT_FIELDS, CHUNK_FIELD.get(gen_type, "raw_document"), "id", "doc_id"):
+        assert isinstance(record[field], str) and record[field].strip(), (gen_type, field)
+
+
 def assert_complete_output(out: Path) -> None:
     docs = seed_count()
     for gen_type, per_doc in EXPECTED_PER_DOC.items():
@@ -76,8 +86,7 @@ def assert_complete_output(out: Path) -> None:
         assert len({r["id"] for r in records}) == len(records), gen_type
         for record in records:
             assert record["gen_type"] == gen_type
-            for field in (*MODULE4_FIELDS, "id", "doc_id", "model", "domain"):
-                assert isinstance(record[field], str) and record[field].strip(), (gen_type, field)
+            assert_record_shape(record, gen_type)
         if gen_type.endswith("summary"):
             per_doc_documents: dict[str, set[str]] = {}
             for record in records:

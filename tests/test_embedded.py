@@ -37,10 +37,10 @@ from engine.embedded_server import ServerProcess, running_server
 from engine.errors import ConfigError, EmbeddedTeacherError, FatalRunError
 from engine.job import run_job
 from engine.stats import Stats
+from tests.test_e2e import assert_record_shape
 
 REPO = Path(__file__).resolve().parent.parent
 GEN_TYPES = ("extractive_summary", "detailed_summary", "key_facts_to_qa", "document_based_qa")
-RECORD_FIELDS = ("question", "response", "document", "raw_document", "document_outline")
 
 # Answers 200 to any GET on the port given as argv[1]; with "stubborn", ignores SIGTERM and
 # starts a grandchild (printing its pid), as a server with worker processes would.
@@ -358,8 +358,7 @@ async def test_real_embedded_teacher_end_to_end(
         assert records, gen_type
         for record in records:
             assert record["model"] == MODEL_ALIAS
-            for field in RECORD_FIELDS:
-                assert isinstance(record[field], str) and record[field].strip(), (gen_type, field)
+            assert_record_shape(record, gen_type)
     manifest = orjson.loads((out / "manifest.json").read_bytes())
     settings = manifest["settings"]["document_based_qa"]
     assert (settings["model"], settings["structured_output"]) == (MODEL_ALIAS, "json_object")

@@ -105,6 +105,8 @@ async def test_summary_records_are_grounded_in_their_summary() -> None:
         assert record["document"] != SEED.document
         assert record["raw_document"] == SEED.document
         assert record["model"] == "fake-teacher"
+        # No reasoning from the teacher: the field is there, empty; no key_fact for summaries.
+        assert record["parse_response_dict_reasoning_content"] == ""
         assert "reasoning" not in record and "key_fact" not in record
         grounded = [
             a
@@ -399,9 +401,11 @@ async def test_reasoning_and_model_come_from_the_answer_reply() -> None:
         return None
 
     result = await run(summary_config(summaries=1, questions=2), FakeTeacher(script))
-    assert [(r["reasoning"], r["model"], r["response"]) for r in result.records] == [
-        ("answer thoughts", "teacher-v2", "A")
-    ] * 2
+    got = [
+        (r["parse_response_dict_reasoning_content"], r["model"], r["response"])
+        for r in result.records
+    ]
+    assert got == [("answer thoughts", "teacher-v2", "A")] * 2
 
 
 async def test_key_facts_reasoning_comes_from_the_qa_reply() -> None:

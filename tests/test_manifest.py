@@ -6,10 +6,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine import cli
+from engine import __version__, cli
 from engine.errors import ConfigError
 from engine.job import run_job
 from engine.manifest import MANIFEST_FILE
+from engine.records import OUTPUT_SCHEMA
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from tests.test_e2e import REPO, assert_complete_output, config_for
@@ -79,3 +80,65 @@ def test_cli_refusal_exits_2_before_any_request(
     code = cli.main(["run", str(REPO / "config/default.toml"), *(f"--set={s}" for s in sets)])
     assert code == cli.EXIT_CONFIG
     assert "document_based_qa.questions" in capsys.readouterr().err
+
+
+def write_manifest_schema(out: Path, schema: int | None) -> None:
+    """Make ``out`` look written by an engine of another output schema (None: before the
+    schema was recorded)."""
+    path = out / MANIFEST_FILE
+    manifest = orjson.loads(path.read_bytes())
+    if schema is None:
+        del manifest["output_schema"]
+    else:
+        manifest["output_schema"] = schema
+    path.write_bytes(orjson.dumps(manifest))
+
+
+async def test_manifest_records_the_output_schema(tmp_path: Path) -> None:
+    await run(tmp_path)
+    assert orjson.loads((tmp_path / MANIFEST_FILE).read_bytes())["output_schema"] == OUTPUT_SCHEMA
+
+
+@pytest.mark.parametrize("force", [False, True])
+async def test_resume_over_an_older_output_schema_is_refused(tmp_path: Path, force: bool) -> None:
+    await run(tmp_path)
+    write_manifest_schema(tmp_path, None)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")}
+    with pytest.raises(ConfigError) as caught:
+        await run(tmp_path, force=force)
+    message = str(caught.value)
+    assert f"output schema version 1 (written by engine {__version__})" in message
+    assert f"writes version {OUTPUT_SCHEMA}" in message
+    assert "run with --fresh" in message and "--force does not apply" in message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.jsonl")} == before  # nothing touched
+
+
+async def test_resume_over_a_newer_output_schema_is_refused(tmp_path: Path) -> None:
+    await run(tmp_path)
+    write_manifest_schema(tmp_path, OUTPUT_SCHEMA + 1)
+    with pytest.raises(ConfigError) as caught:
+        await run(tmp_path)
+    assert f"output schema version {OUTPUT_SCHEMA + 1}" in str(caught.value)
+    assert "resume it with that engine, or run with --fresh" in str(caught.value)
+
+
+async def test_fresh_starts_over_an_older_output_schema(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    await run(out)
+    write_manifest_schema(out, None)
+    stats = await run(out, fresh=True)
+    assert sum(stats.units_skipped.values()) == 0
+    assert_complete_output(out)
+    assert orjson.loads((out / MANIFEST_FILE).read_bytes())["output_schema"] == OUTPUT_SCHEMA
+
+
+def test_cli_refuses_an_older_output_schema_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(run(tmp_path))
+    write_manifest_schema(tmp_path, None)
+    monkeypatch.setenv("TEACHER_MODEL_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens
+    monkeypatch.setenv("TEACHER_MODEL_NAME", "sim-teacher")
+    code = cli.main(["run", str(REPO / "config/default.toml"), f'--set=output.dir="{tmp_path}"'])
+    assert code == cli.EXIT_CONFIG
+    assert "--fresh" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import pytest
 
 from engine.checkpoint import load_checkpoint
 from engine.errors import AuthError
-from engine.flows.base import UnitResult, make_record
+from engine.flows.base import UnitResult
+from engine.records import make_record
 from engine.scheduler import Scheduler
 from engine.seeds import Reject, SeedRow
 from engine.stats import Stats

@@ -209,6 +209,73 @@ async def test_reasoning_field_is_added_when_configured() -> None:
         QuestionSet.model_validate_json(choice["message"]["content"])
 
 
+def layout_config(layout: str, **extra: Any) -> SimulatorConfig:
+    return SimulatorConfig(reasoning_layout=layout, **extra)  # type: ignore[arg-type]
+
+
+class Questions(BaseModel):
+    """A schema like the engine's own: strings constrained only to be there."""
+
+    questions: list[str] = Field(min_length=1)
+
+
+QUESTIONS = {"type": "json_schema", "json_schema": {"schema": Questions.model_json_schema()}}
+
+
+async def reply_with(config: SimulatorConfig) -> dict[str, Any]:
+    async with running_simulator(config) as sim:
+        status, reply, _ = await post(sim, chat_body(response_format=QUESTIONS))
+    assert status == 200
+    (choice,) = reply["choices"]
+    assert isinstance(choice, dict)
+    return choice
+
+
+async def test_reasoning_holds_a_draft_of_the_answer() -> None:
+    choice = await reply_with(layout_config("field", reasoning_field="reasoning"))
+    thinking = choice["message"]["reasoning"]
+    draft = Questions.model_validate_json(thinking.split("A first draft: ", 1)[1])
+    assert all(q.startswith("DRAFT ") for q in draft.questions)
+    assert "DRAFT" not in choice["message"]["content"]
+    Questions.model_validate_json(choice["message"]["content"])
+
+
+async def test_answer_in_field_layout_is_vllm_16182() -> None:
+    choice = await reply_with(layout_config("answer_in_field"))
+    assert choice["message"]["content"] is None
+    Questions.model_validate_json(choice["message"]["reasoning_content"])
+
+
+async def test_thinking_blocks_layout() -> None:
+    choice = await reply_with(layout_config("thinking_blocks"))
+    thinking, text = choice["message"]["content"]
+    assert thinking["type"] == "thinking" and "draft" in thinking["thinking"][0]["text"]
+    Questions.model_validate_json(text["text"])
+
+
+@pytest.mark.parametrize(
+    ("layout", "tags", "pattern", "finish"),
+    [
+        ("inline", ("<think>", "</think>"), r"<think>Let me .*</think>\n\n\{.*\}", "stop"),
+        ("inline", ("[THINK]", "[/THINK]"), r"\[THINK\]Let me .*\[/THINK\]\n\n\{.*\}", "stop"),
+        ("template_opened", ("<think>", "</think>"), r"Let me .*\n</think>\n\n\{.*\}", "stop"),
+        ("cut_off", ("<think>", "</think>"), r"<think>Let me .*draft: \{.*\}", "length"),
+    ],
+)
+async def test_inline_layouts(
+    layout: str, tags: tuple[str, str], pattern: str, finish: str
+) -> None:
+    choice = await reply_with(layout_config(layout, think_tags=tags))
+    assert re.fullmatch(pattern, choice["message"]["content"], re.DOTALL)
+    assert choice["finish_reason"] == finish
+    assert "reasoning_content" not in choice["message"]
+
+
+def test_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="reasoning_layout"):
+        layout_config("sideways")
+
+
 async def test_state_records_each_request() -> None:
     async with running_simulator(SimulatorConfig(api_key="k")) as sim:
         auth = {"Authorization": "Bearer k"}

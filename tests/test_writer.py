@@ -7,7 +7,8 @@ import orjson
 import pytest
 
 from engine.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
-from engine.flows.base import Failure, UnitResult, make_record
+from engine.flows.base import Failure, UnitResult
+from engine.records import make_record
 from engine.seeds import Reject, SeedRow, doc_id_for
 from engine.stats import Stats
 from engine.writer import OutputWriter, UnitDone, WriterItem

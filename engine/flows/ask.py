@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from engine import structured
 from engine.errors import InvalidReply, ItemError
+from engine.reasoning import Answered, answer_of
 from engine.structured import Mode
 from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
 
@@ -42,11 +43,13 @@ class Ask(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Parsed(Generic[T]):
-    """One validated choice, with the choice itself (for reasoning) and the model name."""
+    """One validated choice: its value, the reasoning behind it ("" when none), the choice
+    as received and the model name."""
 
     value: T
     choice: Choice
     model: str
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,30 +190,30 @@ class Asker:
         model = reply.model or self.teacher.model
         for choice in reply.choices[: len(missing)]:
             try:
-                value = _parse(ask, choice, check)
+                got = _parse(ask, choice, check)
             except InvalidReply as err:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
                 problem = err
                 continue
-            on_item(missing.pop(0), Parsed(value, choice, model))
+            on_item(missing.pop(0), Parsed(got.value, choice, model, got.reasoning))
         return problem
 
 
-def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> T:
+def _parse(ask: Ask[T], choice: Choice, check: Check[T]) -> Answered[T]:
     try:
-        value = structured.parse_reply(choice.content, ask.reply)
+        got = answer_of(choice, ask.reply)
     except InvalidReply as err:
         if choice.finish_reason == "length":
             raise InvalidReply(
                 f"cut off at max_tokens={ask.max_tokens}: {err}", check="cut_off", body=err.body
             ) from err
         raise
-    reason = check(value)
+    reason = check(got.value)
     if reason:
         raise InvalidReply(
             reason, check="duplicate", body=choice.content[: structured.EXCERPT_CHARS]
         )
-    return value
+    return got
 
 
 def _note(slot: int, total: int, problem: InvalidReply | None, bad_rounds: int) -> str:

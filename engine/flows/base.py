@@ -1,4 +1,4 @@
-"""What every flow shares: the unit result, the failure entry and the output record."""
+"""What every flow shares: the unit result, the failure entry, the stage plan."""
 
 from __future__ import annotations
 
@@ -109,36 +109,3 @@ class Flow(Protocol):
         """The requests ``run(seed)`` sends per stage, before retries and re-asks, assuming
         the teacher returns as many items (facts, questions, pairs) as it is asked for."""
         ...
-
-
-def make_record(
-    seed: SeedRow,
-    gen_type: str,
-    path: tuple[str, ...],
-    *,
-    document: str,
-    question: str,
-    response: str,
-    model: str,
-    reasoning: str | None = None,
-    key_fact: str | None = None,
-) -> dict[str, Any]:
-    """One output line. ``path`` locates the pair in the unit (e.g. ("s003", "q01")); with the
-    document id and type it makes an id that is the same in every run."""
-    record: dict[str, Any] = {
-        "id": "-".join((seed.doc_id, gen_type, *path)),
-        "doc_id": seed.doc_id,
-        "gen_type": gen_type,
-        "document": document,
-        "raw_document": seed.document,
-        "document_outline": seed.document_outline,
-        "domain": seed.domain,
-        "question": question,
-        "response": response,
-        "model": model,
-    }
-    if key_fact is not None:
-        record["key_fact"] = key_fact
-    if reasoning:
-        record["reasoning"] = reasoning
-    return record

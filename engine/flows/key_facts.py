@@ -84,7 +84,7 @@ class KeyFactsFlow:
                     pair.question,
                     pair.answer,
                     got.model,
-                    got.choice.reasoning,
+                    got.reasoning,
                     key_fact=fact.fact,
                 )
             )

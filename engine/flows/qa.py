@@ -61,7 +61,7 @@ class QuestionsThenAnswers:
     ) -> None:
         ask = self.answer_ask(unit.seed, unit.stage("answer"), document, question)
         got = await unit.asker.one(ask)
-        unit.add(Pair(path, document, question, got.value.answer, got.model, got.choice.reasoning))
+        unit.add(Pair(path, document, question, got.value.answer, got.model, got.reasoning))
 
     def plan(
         self, ctx: FlowContext, seed: SeedRow, gen_type: str, document: str, documents: int, of: str

@@ -18,7 +18,8 @@ from typing import Any
 from engine import prompts
 from engine.errors import FatalRunError, ItemError
 from engine.flows.ask import Ask, Asker
-from engine.flows.base import Failure, StagePlan, UnitResult, make_record
+from engine.flows.base import Failure, StagePlan, UnitResult
+from engine.records import make_record
 from engine.seeds import SeedRow
 from engine.structured import Verdict
 
@@ -41,7 +42,7 @@ class Pair:
     question: str
     response: str
     model: str
-    reasoning: str | None = None
+    reasoning: str = ""
     key_fact: str | None = None
 
 
