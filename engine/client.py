@@ -379,7 +379,9 @@ class HTTPTeacher:
         )
 
     def __repr__(self) -> str:
-        return f"<HTTPTeacher {self.base_url} model={self.model}>"
+        proxies = sorted({f"{p.public} ({p.variable})" for p in self._proxies.values() if p})
+        via = f" via {', '.join(proxies)}" if proxies else ""
+        return f"<HTTPTeacher {self.base_url} model={self.model}{via}>"
 
 
 class _EndpointDown(Exception):

@@ -157,6 +157,19 @@ def test_a_proxy_is_shown_without_its_credentials() -> None:
     assert "s3cret" not in repr(proxy)
 
 
+def test_the_client_repr_names_its_proxy_without_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://me:proxy-password-0123@proxy.corp:3128")
+    config = TeacherConfig(base_url="https://a.example/v1,http://localhost/v1", model="m")
+    limiter = RequestLimiter(requests_per_minute=60, max_concurrency=1)
+    text = repr(HTTPTeacher(config, RetryConfig(), limiter, Stats()))
+    assert text == (
+        "<HTTPTeacher https://a.example/v1, http://localhost/v1 model=m "
+        "via http://proxy.corp:3128 (HTTPS_PROXY)>"
+    )
+
+
 def test_why_a_host_is_reached_directly() -> None:
     url = "https://api.example.com/v1"
     assert "set HTTPS_PROXY" in direct_why(url, {})
