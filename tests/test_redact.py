@@ -49,7 +49,9 @@ def test_a_placeholder_key_changes_nothing_in_the_report(tmp_path: Path, key: st
         if api_key is not None:
             sets.append(f"teacher.api_key={orjson.dumps(api_key).decode()}")
         env = {"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"}
-        config = load_config(REPO / "config" / "default.toml", sets, environ=env)
+        config = load_config(
+            REPO / "config" / "default.toml", sets, environ=env, dotenv_path=tmp_path / "no.env"
+        )
         outcome = Outcome(1, "fatal", "the teacher at http://127.0.0.1:9/v1 answered HTTP 401")
         return report.build(config, Stats(), outcome, {"fresh": False}, now=0.0)
 
