@@ -1,7 +1,8 @@
 """Command line: ``python -m engine run|validate|plan CONFIG [--set section.key=value ...]``.
 
 Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials);
-2 bad configuration, seeds path or output directory (nothing was sent);
+2 bad configuration, seeds path or output directory, or the output directory in use by
+another run (nothing was sent);
 3 the run finished but some items failed (listed in failures.jsonl);
 130/143 stopped by SIGINT/SIGTERM (resumable).
 """
@@ -16,8 +17,8 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from engine import __version__, report
-from engine.config import Config, load_config
+from engine import __version__, network, report
+from engine.config import Config, TeacherConfig, load_config
 from engine.embedded import check_installed
 from engine.errors import ConfigError, FatalRunError
 from engine.job import check_paths, run_job
@@ -164,11 +165,12 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
         log.warning("interrupted: finished units are saved; run the same command to resume")
         name = signal.Signals(interrupted - 128).name
         return Outcome(interrupted, "interrupted", f"{name}: finished units are saved; resumable")
-    for cause in fatal:
+    causes = _distinct(fatal)
+    for cause in causes:
         log.error("run stopped: %s", cause)
-    if fatal:
+    if causes:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
-        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in fatal))
+        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in causes))
     log.info("output in %s", config.output.dir)
     if stats.failures:
         failed = sum(stats.failures.values())
@@ -188,6 +190,14 @@ def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: Out
     print(report.summary(content), flush=True)
 
 
+def _distinct(errors: list[Exception]) -> list[Exception]:
+    """One of each cause, in order: every worker that met the same fault raised it."""
+    first: dict[tuple[type[Exception], str], Exception] = {}
+    for err in errors:
+        first.setdefault((type(err), str(err)), err)
+    return list(first.values())
+
+
 def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
     """The FatalRunErrors inside ``group``; anything else is a bug and is re-raised."""
     matched, rest = group.split(FatalRunError)
@@ -202,6 +212,22 @@ def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
     return leaves
 
 
+def _routes(teacher: TeacherConfig) -> str:
+    """Each endpoint and the proxy it goes through; ``ConfigError`` for an unusable proxy or
+    certificate setting, as the run would meet it."""
+    proxies = network.proxies_for(teacher.urls)
+    if any(url.startswith("https:") for url in teacher.urls) and (
+        problems := network.cert_env_problems()
+    ):
+        raise ConfigError(problems)
+    routes = []
+    for url in teacher.urls:
+        proxy = proxies.get(url)
+        via = "" if proxy is None else f" via proxy {proxy.public} ({proxy.variable})"
+        routes.append(report.public_url(url) + via)
+    return ", ".join(routes)
+
+
 def _validate(config: Config) -> int:
     check_paths(config)
     teacher = config.teacher
@@ -209,8 +235,7 @@ def _validate(config: Config) -> int:
         check_installed()  # a missing extra is found now, not when the run starts
         print("teacher: none set: the embedded demo teacher (a tiny local model) would run")
     else:
-        urls = ", ".join(report.public_url(url) for url in teacher.urls)
-        print(f"teacher: {teacher.model} at {urls} (not contacted)")
+        print(f"teacher: {teacher.model} at {_routes(teacher)} (not contacted)")
     good = rejected = 0
     for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):

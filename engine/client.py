@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -35,7 +37,18 @@ from engine.errors import (
     TeacherTimeout,
 )
 from engine.limits import Lease, RequestLimiter
+from engine.network import (
+    Proxy,
+    cert_env_problems,
+    dns_failure,
+    proxies_for,
+    proxy_failure,
+    proxy_for,
+    tls_context,
+    tls_failure,
+)
 from engine.outage import Outcome
+from engine.redact import redact
 from engine.retry import backoff, classify, retry_after
 from engine.stats import Stats
 from engine.teacher import ChatReply, ChatRequest, Choice, Usage
@@ -78,6 +91,12 @@ class HTTPTeacher:
         self._rng = rng if rng is not None else random.Random()
         self._cache = cache
         self._session: aiohttp.ClientSession | None = None
+        key = teacher.api_key
+        self._secret = key.get_secret_value() if key is not None else None
+        # Decided once per origin, from the environment (engine.network); ConfigError if an
+        # endpoint's proxy is unusable.
+        self._proxies: dict[str, Proxy | None] = dict.fromkeys(map(_origin, teacher.urls))
+        self._proxies.update((_origin(url), p) for url, p in proxies_for(teacher.urls).items())
         self.endpoints = EndpointPool(
             teacher.urls,
             threshold=retry.outage_threshold,
@@ -88,17 +107,40 @@ class HTTPTeacher:
 
     async def __aenter__(self) -> Self:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._config.api_key is not None:
-            headers["Authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        if self._secret is not None:
+            headers["Authorization"] = f"Bearer {self._secret}"
         # aiohttp's default connector limit (100) would silently cap concurrency below ours.
         connector = aiohttp.TCPConnector(
-            limit=self._limiter.max_concurrency + _SPARE_CONNECTIONS, limit_per_host=0
+            limit=self._limiter.max_concurrency + _SPARE_CONNECTIONS,
+            limit_per_host=0,
+            ssl=self._tls_context(),
         )
         timeout = aiohttp.ClientTimeout(
             total=self._config.timeout_s, sock_connect=self._config.connect_timeout_s
         )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+        # trust_env stays off: proxies are chosen per request (engine.network), and aiohttp's
+        # trust_env would also read ~/.netrc and clash with our Authorization header.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, headers=headers, trust_env=False
+        )
         return self
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The certificates to trust; SSL_CERT_FILE/DIR naming nothing is an error when TLS is
+        used (OpenSSL would ignore them and every handshake would fail verification)."""
+        tls_used = any(url.startswith("https:") for url in self._config.urls) or any(
+            proxy.url.startswith("https:") for proxy in self._proxies.values() if proxy
+        )
+        if tls_used and (problems := cert_env_problems()):
+            raise ConfigError(problems)
+        return tls_context(self._config.ca_bundle)
+
+    def _proxy(self, url: str) -> Proxy | None:
+        """The proxy for a request to ``url``: decided per origin, like NO_PROXY."""
+        origin = _origin(url)
+        if origin not in self._proxies:
+            self._proxies[origin] = proxy_for(url)
+        return self._proxies[origin]
 
     async def __aexit__(
         self,
@@ -246,8 +288,11 @@ class HTTPTeacher:
         """The HTTP exchange itself; aiohttp's exceptions end here."""
         if self._session is None:
             raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
+        proxy = self._proxy(url)
         try:
-            async with self._session.post(url, data=body) as response:
+            async with self._session.post(
+                url, data=body, proxy=None if proxy is None else proxy.url
+            ) as response:
                 return response.status, response.headers, await response.read()
         # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
         except TimeoutError as err:
@@ -255,9 +300,36 @@ class HTTPTeacher:
         except aiohttp.InvalidURL as err:
             raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
         except aiohttp.ClientError as err:
-            raise TeacherConnectionError(
-                f"connection to {url} failed: {type(err).__name__}: {err}"
-            ) from err
+            raise self._connection_failure(url, proxy, err) from err
+
+    def _connection_failure(
+        self, url: str, proxy: Proxy | None, err: aiohttp.ClientError
+    ) -> EngineError:
+        """What a failed connection means, as the engine error that says what to change."""
+        if isinstance(err, aiohttp.ClientConnectorCertificateError):
+            cause = err.certificate_error
+            return tls_failure(
+                f"{err.host}:{err.port}",
+                getattr(cause, "verify_message", None) or str(cause),
+                getattr(cause, "verify_code", None),
+                ca_bundle=self._config.ca_bundle,
+                proxy=proxy if proxy is not None and proxy.host == err.host else None,
+            )
+        if isinstance(err, aiohttp.ClientConnectorDNSError):
+            return dns_failure(url, err.host, proxy)
+        if isinstance(err, aiohttp.ClientHttpProxyError) and proxy is not None:
+            return proxy_failure(url, proxy, err.status, err.message)
+        if isinstance(err, aiohttp.ClientProxyConnectionError) and proxy is not None:
+            return TeacherConnectionError(
+                f"cannot connect to the proxy {proxy.public} (from {proxy.variable}) for "
+                f"{url}: {err.os_error.strerror or err.os_error}"
+            )
+        if isinstance(err, aiohttp.ClientConnectorSSLError):
+            return TeacherConnectionError(
+                f"TLS handshake with {err.host}:{err.port} failed for {url}: {err.os_error} "
+                "(an https:// URL on a plain-HTTP port fails like this)"
+            )
+        return TeacherConnectionError(f"connection to {url} failed: {type(err).__name__}: {err}")
 
     def _reply(self, url: str, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
         decision = classify(status)
@@ -268,7 +340,9 @@ class HTTPTeacher:
             return reply
         if decision == "auth":
             raise AuthError(url, status)
-        excerpt = _excerpt(raw)
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED and (proxy := self._proxy(url)):
+            raise proxy_failure(url, proxy, status, "Proxy Authentication Required")
+        excerpt = _excerpt(raw, self._secret)
         if decision == "reject":
             raise RequestRejected(
                 f"the teacher rejected the request: HTTP {status}: {excerpt}",
@@ -305,7 +379,9 @@ class HTTPTeacher:
         )
 
     def __repr__(self) -> str:
-        return f"<HTTPTeacher {self.base_url} model={self.model}>"
+        proxies = sorted({f"{p.public} ({p.variable})" for p in self._proxies.values() if p})
+        via = f" via {', '.join(proxies)}" if proxies else ""
+        return f"<HTTPTeacher {self.base_url} model={self.model}{via}>"
 
 
 class _EndpointDown(Exception):
@@ -316,6 +392,11 @@ class _EndpointDown(Exception):
 class _Received:
     value: ChatReply
     raw: bytes
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def _unreachable(err: RetryableError) -> bool:
@@ -386,8 +467,9 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _excerpt(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
+def _excerpt(raw: bytes, secret: str | None = None) -> str:
+    """The start of a body, on one line; a key the server echoed back is taken out first."""
+    text = redact(raw.decode("utf-8", errors="replace"), secret)
     return " ".join(text.split())[:_EXCERPT_CHARS]
 
 

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import os
 import tomllib
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import ConfigError
+from engine.network import ca_bundle_problem
 
 GenType = Literal["extractive_summary", "detailed_summary", "key_facts_to_qa", "document_based_qa"]
 GEN_TYPES: tuple[GenType, ...] = (
@@ -63,7 +73,13 @@ class TeacherConfig(_Section):
     model: str = ""
     """The model name the endpoint serves. Usually set via TEACHER_MODEL_NAME."""
     api_key: SecretStr | None = None
-    """Sent as a Bearer token. Set it only via TEACHER_MODEL_API_KEY (environment or .env)."""
+    """Sent as a Bearer token. Set it only via TEACHER_MODEL_API_KEY (environment or .env).
+    Whitespace around it (a pasted newline) is dropped; a control character inside it is an
+    error."""
+    ca_bundle: str = ""
+    """A PEM file of CA certificates to trust besides the system's (an endpoint behind a
+    private certificate authority); "" = the system's only (SSL_CERT_FILE / SSL_CERT_DIR are
+    honoured as usual). Proxies come from HTTPS_PROXY / HTTP_PROXY / NO_PROXY."""
     timeout_s: float = Field(600.0, gt=0, le=24 * 3600)
     """Per request; keep it above the longest legitimate reply (a retry starts over)."""
     connect_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -73,6 +89,33 @@ class TeacherConfig(_Section):
     (llama.cpp), or text (schema in the prompt, first JSON value taken from the reply)."""
     supports_n: bool = True
     """false: ask for N samples as N requests instead of one request with n=N."""
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _clean_key(cls, value: Any) -> Any:
+        """Surrounding whitespace (a key pasted with its newline) is dropped; a blank key is no
+        key; a key with a character that cannot be in a Bearer token is refused, by naming the
+        variable, never the value."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        key = value.strip()
+        if problem := _key_problem(key):
+            raise ValueError(f"TEACHER_MODEL_API_KEY {problem}")
+        return key or None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable_bundle(cls, value: str) -> str:
+        if value and (problem := ca_bundle_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _strip_model(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -264,6 +307,22 @@ class Config(_Section):
         return self.limits.workers or max(4, self.limits.max_concurrency)
 
 
+def _key_problem(key: str) -> str | None:
+    """What makes ``key`` unusable in an Authorization header, in words that do not show it."""
+    for char in key:
+        if unicodedata.category(char).startswith("C"):
+            return (
+                "has a control character inside it (a line break or tab pasted into it?): "
+                "set it again as one line"
+            )
+    if not key.isascii():
+        return (
+            "has a non-ASCII character in it (a typographic quote or a letter pasted with "
+            "it?): set it again, exactly as issued"
+        )
+    return None
+
+
 def load_config(
     path: Path | str,
     overrides: Sequence[str] = (),
@@ -310,9 +369,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _environment(environ: Mapping[str, str] | None, dotenv_path: Path | None) -> dict[str, str]:
     dotenv_file = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-    merged = {k: v for k, v in dotenv_values(dotenv_file).items() if v}
-    # An empty variable in the environment does not hide a value set in .env.
-    merged.update((k, v) for k, v in (os.environ if environ is None else environ).items() if v)
+    merged = {k: v for k, v in dotenv_values(dotenv_file).items() if v and v.strip()}
+    # An empty (or blank) variable in the environment does not hide a value set in .env.
+    environ = os.environ if environ is None else environ
+    merged.update((k, v) for k, v in environ.items() if v.strip())
     return merged
 
 

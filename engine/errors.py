@@ -24,6 +24,14 @@ class ConfigError(EngineError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class OutputInUse(ConfigError):
+    """Another run holds the output directory (``engine.lock``): this one must not start."""
+
+    def __init__(self, message: str) -> None:
+        self.problems = [message]
+        EngineError.__init__(self, message)
+
+
 class FatalRunError(EngineError):
     """Every further request would fail the same way: the run must stop."""
 
@@ -38,6 +46,26 @@ class AuthError(FatalRunError):
             f"the teacher at {endpoint} answered HTTP {status}: check TEACHER_MODEL_API_KEY "
             "(and that the key may use this model)"
         )
+
+
+class TLSVerificationError(FatalRunError):
+    """A server's certificate failed verification: every connection would fail the same way.
+
+    ``host`` is the server whose certificate it was (the teacher's, or an https:// proxy's).
+    """
+
+    def __init__(self, host: str, message: str) -> None:
+        self.host = host
+        super().__init__(message)
+
+
+class ProxyRefused(FatalRunError):
+    """The proxy refused the run's requests (407: credentials; 403: its policy)."""
+
+    def __init__(self, proxy: str, status: int, message: str) -> None:
+        self.proxy = proxy
+        self.status = status
+        super().__init__(message)
 
 
 class EmbeddedTeacherError(FatalRunError):
@@ -69,6 +97,12 @@ class TeacherTimeout(RetryableError):
 
 class TeacherConnectionError(RetryableError):
     kind = "connection"
+
+
+class TeacherDNSError(TeacherConnectionError):
+    """A host name (the teacher's, or the proxy's) did not resolve."""
+
+    kind = "dns"
 
 
 class TeacherHTTPError(RetryableError):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine import manifest
@@ -17,6 +18,7 @@ from engine.embedded import embedded_teacher
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.limits import RequestLimiter
+from engine.lock import DirectoryLock
 from engine.progress import show_progress
 from engine.scheduler import Scheduler
 from engine.seeds import read_seeds, seed_file_problem
@@ -59,22 +61,42 @@ async def run_job(
 ) -> int | None:
     """Generate every unit of ``config`` that the output directory does not already hold.
 
+    Raises ``OutputInUse`` at once if another run is using the output directory.
+
     ``fresh`` moves existing output aside first; ``force`` adds to output made with other
     generation settings; ``cache=False`` neither reads nor writes the response cache;
     ``retry_failed`` runs only the units with items in failures.jsonl, adding the records they
     lack. Returns the exit code a signal asked for (130/143), or None when the run went to
     its end.
     """
-    if fresh:
-        manifest.move_aside(config.output.dir)
     check_paths(config)
     options = {"force": force, "cache": cache, "retry_failed": retry_failed}
-    if config.teacher.mode != "embedded":
-        return await _generate(config, stats, **options)
-    # The whole run against the local demo server, with the config it yields (mode "http"),
-    # so that the manifest records the settings actually used.
-    async with embedded_teacher(config) as served:
-        return await _generate(served, stats, **options)
+    with _own_output(config, fresh=fresh):
+        if config.teacher.mode != "embedded":
+            return await _generate(config, stats, **options)
+        # The whole run against the local demo server, with the config it yields (mode
+        # "http"), so that the manifest records the settings actually used.
+        async with embedded_teacher(config) as served:
+            return await _generate(served, stats, **options)
+
+
+@contextlib.contextmanager
+def _own_output(config: Config, *, fresh: bool) -> Iterator[None]:
+    """Hold the output directory's lock (``engine.lock``) for the block; ``OutputInUse`` if
+    another run holds it. ``fresh`` moves the old output aside under the lock, so that a
+    directory a run is still writing is never moved from under it."""
+    out_dir = config.output.dir
+    lock = DirectoryLock.acquire(out_dir)
+    try:
+        if fresh and manifest.move_aside(out_dir) is not None:
+            check_paths(config)  # creates the new, empty directory
+            # Taken before the old one (moved aside with its directory) is let go.
+            new = DirectoryLock.acquire(out_dir)
+            lock.release()
+            lock = new
+        yield
+    finally:
+        lock.release()
 
 
 async def _generate(

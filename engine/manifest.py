@@ -22,6 +22,7 @@ from engine import __version__
 from engine.aside import aside_name
 from engine.config import Config
 from engine.errors import ConfigError
+from engine.lock import LOCK_FILE
 from engine.records import OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: b
 
 
 def move_aside(out_dir: Path) -> Path | None:
-    """``--fresh``: rename a non-empty output directory to ``<dir>.old-<time>``; never delete."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    """``--fresh``: rename a non-empty output directory to ``<dir>.old-<time>``; never delete.
+
+    Its lock file alone does not make it non-empty."""
+    if not out_dir.exists() or all(p.name == LOCK_FILE for p in out_dir.iterdir()):
         return None
     target = aside_name(out_dir, "old")
     try:

@@ -26,12 +26,13 @@ from engine import __version__
 from engine.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.config import Config
 from engine.progress_view import duration
+from engine.redact import redact
 from engine.stats import Kept, Stats
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "run_report.json"
-_REDACTED = "[redacted]"
+MIN_RATE_SPAN_S = 60.0
 _CRASH_CHARS = 300
 _ROW = "  {:<20} {:>6} {:>6} {:>8} {:>16} {:>8}"
 _QUALITY_ROW = "  {:<20} {:>8} {:>15} {:>14} {:>10} {:>10} {:>10}"
@@ -56,16 +57,25 @@ def build(
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict; every path in it is absolute.
 
-    The API key is replaced wherever it appears: nothing in the report should hold it (the
-    fatal reason is an error message, the endpoints lose any user info), and this makes sure.
+    Nothing in it holds the API key: the endpoints lose any user info, and the one free-text
+    value, the reason (an error message, perhaps quoting a server), goes through
+    ``engine.redact``. Field names and paths are never rewritten.
     """
     out = config.output.dir.resolve()
+    key = config.teacher.api_key
+    secret = key.get_secret_value() if key is not None else None
     wall = stats.elapsed()
-    minutes = wall / 60
+    # Over less than a minute a per-minute figure is mostly the limiter's start-up burst
+    # scaled up, and reads like a broken cap: not given.
+    minutes = wall / 60 if wall >= MIN_RATE_SPAN_S else None
     ended = time.time() if now is None else now
     report: dict[str, Any] = {
         "engine_version": __version__,
-        "exit": {"code": outcome.exit_code, "status": outcome.status, "reason": outcome.reason},
+        "exit": {
+            "code": outcome.exit_code,
+            "status": outcome.status,
+            "reason": redact(outcome.reason, secret),
+        },
         "started_at": _iso(stats.started_at),
         "ended_at": _iso(ended),
         "wall_time_s": round(wall, 3),
@@ -103,8 +113,9 @@ def build(
             "total": stats.tokens,
         },
         "rates_per_minute": {
-            "requests": round(stats.requests_sent / minutes, 1) if minutes else 0.0,
-            "tokens": round(stats.tokens / minutes, 1) if minutes else 0.0,
+            # Over the whole run (wall_time_s); None when it lasted less than a minute.
+            "requests": None if minutes is None else round(stats.requests_sent / minutes, 1),
+            "tokens": None if minutes is None else round(stats.tokens / minutes, 1),
             # None: no cap.
             "requests_cap": config.limits.requests_per_minute or None,
             "tokens_cap": config.limits.tokens_per_minute or None,
@@ -117,9 +128,7 @@ def build(
             "report": str(out / REPORT_FILE),
         },
     }
-    key = config.teacher.api_key
-    scrubbed: dict[str, Any] = _scrub(report, key.get_secret_value() if key else None)
-    return scrubbed
+    return report
 
 
 def describe_crash(err: BaseException) -> str:
@@ -235,8 +244,7 @@ def summary(report: Mapping[str, Any]) -> str:
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
         f"  tokens: {tok['prompt']} in, {tok['completion']} out",
         _teacher_line(report["teacher"]),
-        f"  per minute: {rates['requests']:.0f} requests (cap {_cap(rates['requests_cap'])}), "
-        f"{rates['tokens']:.0f} tokens (cap {_cap(rates['tokens_cap'])})",
+        _rates_line(rates, req["sent"], tok["total"], report["wall_time_s"]),
         f"  wall time {duration(report['wall_time_s'])}; output in {files['output_dir']}",
         f"  report: {files['report']}",
     ]
@@ -290,6 +298,19 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _rates_line(rates: Mapping[str, Any], sent: int, tokens: int, wall_s: float) -> str:
+    caps = f"cap {_cap(rates['requests_cap'])} requests, {_cap(rates['tokens_cap'])} tokens"
+    if rates["requests"] is None:
+        return (
+            f"  rates: {sent} requests and {tokens} tokens in {wall_s:.1f} s "
+            f"(under a minute: no per-minute figures; {caps} per minute)"
+        )
+    return (
+        f"  per minute, over the whole run: {rates['requests']:.0f} requests, "
+        f"{rates['tokens']:.0f} tokens ({caps})"
+    )
+
+
 def _teacher_line(teacher: Mapping[str, Any]) -> str:
     outages = sum(e["outages"] for e in teacher["by_endpoint"].values())
     limit = teacher["concurrency"]
@@ -330,15 +351,3 @@ def public_url(url: str) -> str:
         port = None
     netloc = f"{host}:{port}" if port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _scrub(value: Any, secret: str | None) -> Any:
-    if not secret:
-        return value
-    if isinstance(value, str):
-        return value.replace(secret, _REDACTED)
-    if isinstance(value, Mapping):
-        return {_scrub(k, secret): _scrub(v, secret) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub(v, secret) for v in value]
-    return value

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -485,17 +486,23 @@ class RunningSimulator:
 
 @contextlib.asynccontextmanager
 async def running_simulator(
-    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    config: SimulatorConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[RunningSimulator]:
-    """Serve the simulator on ``host:port`` (0: a free port) until the block exits."""
+    """Serve the simulator on ``host:port`` (0: a free port) until the block exits; over
+    HTTPS with ``ssl_context`` (a server context holding its certificate)."""
     app, state = make_app(config or SimulatorConfig())
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound = runner.addresses[0][1]
-        yield RunningSimulator(f"http://{host}:{bound}/v1", bound, state, app)
+        scheme = "http" if ssl_context is None else "https"
+        yield RunningSimulator(f"{scheme}://{host}:{bound}/v1", bound, state, app)
     finally:
         await runner.cleanup()
 

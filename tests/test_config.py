@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -512,3 +513,70 @@ def test_the_same_endpoint_twice_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load(write(tmp_path / "c.toml", ""), environ=environ)
     assert "lists an endpoint twice" in problems_of(excinfo)[0]
+
+
+# --- the key as users paste it ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [f"{SECRET}\n", f"  {SECRET}\r\n", f"\t{SECRET} ", f"{SECRET}\u00a0"],
+    ids=["newline", "crlf", "tab-space", "nbsp"],
+)
+def test_whitespace_around_the_key_is_dropped(tmp_path: Path, pasted: str) -> None:
+    toml = write(tmp_path / "c.toml", "")
+    for environ, dotenv in (
+        ({**ENV, "TEACHER_MODEL_API_KEY": pasted}, None),
+        ({k: v for k, v in ENV.items() if k != "TEACHER_MODEL_API_KEY"}, pasted),
+    ):
+        env_file = None
+        if dotenv is not None:
+            env_file = write(tmp_path / ".env", f'TEACHER_MODEL_API_KEY="{dotenv}"\n')
+        config = load(toml, environ=environ, dotenv_path=env_file)
+        assert config.teacher.api_key == SecretStr(SECRET)
+    # JSON escapes are TOML escapes too.
+    config = load(toml, (f"teacher.api_key={json.dumps(pasted)}",))
+    assert config.teacher.api_key == SecretStr(SECRET)
+
+
+def test_a_blank_key_is_no_key(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "c.toml", ""), environ={**ENV, "TEACHER_MODEL_API_KEY": " \n"})
+    assert config.teacher.api_key is None
+
+
+def test_a_blank_variable_does_not_hide_the_key_in_dotenv(tmp_path: Path) -> None:
+    env_file = write(tmp_path / ".env", f"TEACHER_MODEL_API_KEY={SECRET}\n")
+    environ = {**ENV, "TEACHER_MODEL_API_KEY": "\n"}
+    config = load(write(tmp_path / "c.toml", ""), environ=environ, dotenv_path=env_file)
+    assert config.teacher.api_key == SecretStr(SECRET)
+
+
+@pytest.mark.parametrize(
+    ("inside", "says"),
+    [
+        ("\n", "control character"),
+        ("\r", "control character"),
+        ("\t", "control character"),
+        ("\x00", "control character"),
+        ("\x7f", "control character"),
+        ("\u200b", "control character"),  # a zero-width space from a web page
+        ("\u201d", "non-ASCII"),  # a typographic quote
+        ("é", "non-ASCII"),
+    ],
+)
+def test_a_key_with_a_bad_character_inside_is_refused_in_one_line(
+    tmp_path: Path, inside: str, says: str
+) -> None:
+    key = f"sk-abc{inside}def-0123456789"
+    with pytest.raises(ConfigError) as excinfo:
+        load(write(tmp_path / "c.toml", ""), environ={**ENV, "TEACHER_MODEL_API_KEY": key})
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith("teacher.api_key: TEACHER_MODEL_API_KEY ")
+    assert says in problem and "\n" not in problem
+    for text in (str(excinfo.value), repr(excinfo.value)):
+        assert "sk-abc" not in text and "def-0123456789" not in text
+
+
+def test_spaces_around_the_model_name_are_dropped(tmp_path: Path) -> None:
+    environ = {**ENV, "TEACHER_MODEL_NAME": " env-model\n"}
+    assert load(write(tmp_path / "c.toml", ""), environ=environ).teacher.model == "env-model"

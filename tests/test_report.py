@@ -312,9 +312,52 @@ async def test_report_after_a_fatal_error_holds_no_key(tmp_path: Path) -> None:
     assert code == cli.EXIT_FATAL, output
     raw = (tmp_path / "out" / "run_report.json").read_bytes()
     got = orjson.loads(raw)
-    assert got["exit"]["status"] == "fatal" and "HTTP 401" in got["exit"]["reason"]
+    assert got["exit"]["status"] == "fatal"
+    # Every worker met the same 401: the reason says it once, and so does the log.
+    assert got["exit"]["reason"].count("HTTP 401") == 1, got["exit"]["reason"]
+    assert output.count("run stopped:") == 1, output
+    assert output.count("HTTP 401") == 2, output  # the log line and the summary's reason
     assert sum(t["units_done"] for t in got["types"].values()) == 0
     assert KEY.encode() not in raw and KEY not in output
+
+
+def short_run_report(tmp_path: Path, seconds: float) -> dict[str, Any]:
+    config = load_config(
+        REPO / "config" / "default.toml",
+        [f'output.dir="{tmp_path}"'],
+        environ={"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"},
+        dotenv_path=tmp_path,
+    )
+    stats = Stats(requests_sent=150, prompt_tokens=6000, completion_tokens=3000)
+    stats.started = time.monotonic() - seconds
+    return report.build(config, stats, Outcome(0, "done", "every unit finished"), {})
+
+
+def test_a_run_under_a_minute_gives_counts_and_its_span_not_per_minute_rates(
+    tmp_path: Path,
+) -> None:
+    # 150 requests in 12 s would read as 750 a minute against a cap of 600: the start-up
+    # burst of a paced limiter, not a broken cap.
+    got = short_run_report(tmp_path, 12.0)
+    assert got["rates_per_minute"] == {
+        "requests": None,
+        "tokens": None,
+        "requests_cap": 600,
+        "tokens_cap": None,
+    }
+    text = report.summary(got)
+    assert "rates: 150 requests and 9000 tokens in 12.0 s (under a minute" in text
+    assert "750" not in text and "per minute, over" not in text
+
+
+def test_a_run_of_a_minute_or_more_gives_rates_over_the_whole_run(tmp_path: Path) -> None:
+    got = short_run_report(tmp_path, 90.0)
+    rates = got["rates_per_minute"]
+    assert rates["requests"] == pytest.approx(100.0, rel=1e-3)
+    assert rates["tokens"] == pytest.approx(6000.0, rel=1e-3)
+    text = report.summary(got)
+    assert "per minute, over the whole run: 100 requests, 6000 tokens" in text
+    assert "(cap 600 requests, none tokens)" in text
 
 
 def test_a_refused_run_leaves_the_last_report_alone(tmp_path: Path) -> None:
