@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def check_paths(config: Config) -> None:
     """Fail before any request if the seeds cannot be read or the output cannot be written."""
     problems = []
-    if problem := seed_file_problem(config.input.seeds):
+    if problem := seed_file_problem(config.input.seeds, config.input.max_document_chars):
         problems.append(problem)
     out_dir = config.output.dir
     try:

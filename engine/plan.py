@@ -88,7 +88,7 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
     Raises ``ConfigError`` when the seed file is missing.
     """
     seeds = config.input.seeds
-    if problem := seed_file_problem(seeds):
+    if problem := seed_file_problem(seeds, config.input.max_document_chars):
         raise ConfigError([problem])
     done = UnitSet() if fresh else read_checkpoint(config.output.dir).done
     flows = build_flows(config, _Offline())
