@@ -16,6 +16,8 @@ class Stats:
     # Wall-clock start, for the run report (``started`` is monotonic and means nothing outside).
     started_at: float = field(default_factory=time.time)
     requests_sent: int = 0
+    # Requests of the preflight (engine.preflight), before the run: not in requests_sent.
+    preflight_requests: int = 0
     # Replies taken from the response cache: no request sent, no tokens spent.
     cached: int = 0
     prompt_tokens: int = 0
