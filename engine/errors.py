@@ -62,6 +62,16 @@ class Redirected(FatalRunError):
         )
 
 
+class SystematicFailure(FatalRunError):
+    """Items keep being lost the same way across documents (``engine.breaker``): every
+    further request of the stage would be lost too."""
+
+
+class PreflightFailed(FatalRunError):
+    """The preflight (``engine.preflight``) found the teacher unusable as configured; the
+    message says what to change."""
+
+
 class EmbeddedTeacherError(FatalRunError):
     """The embedded demo teacher (a local llama.cpp server) did not start or stopped."""
 

@@ -9,13 +9,15 @@ import tempfile
 from pathlib import Path
 
 from engine import manifest
+from engine.breaker import Breaker
 from engine.cache import CACHE_FILE, ResponseCache
-from engine.checkpoint import load_checkpoint
+from engine.causes import RunSettings, likely_fix
+from engine.checkpoint import gen_name, load_checkpoint
 from engine.client import HTTPTeacher
-from engine.config import Config
+from engine.config import GEN_TYPES, Config
 from engine.embedded import embedded_teacher
 from engine.errors import ConfigError
-from engine.flows import build_flows
+from engine.flows import build_flows, stage_settings
 from engine.limits import RequestLimiter
 from engine.progress import show_progress
 from engine.scheduler import Scheduler
@@ -41,6 +43,24 @@ def check_paths(config: Config) -> None:
         problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
     if problems:
         raise ConfigError(problems)
+
+
+def make_breaker(config: Config) -> Breaker:
+    """The run's breaker, with the fixes it suggests worded for ``config``'s keys."""
+    run = RunSettings(
+        stage_settings(config),
+        config.teacher.structured_output,
+        config.teacher.supports_n,
+        config.teacher.model,
+        config.teacher.urls,
+    )
+    retry = config.retry
+    return Breaker(
+        documents=retry.breaker_documents,
+        window=retry.breaker_window,
+        share=retry.breaker_share,
+        fixes=lambda signature, said: likely_fix(signature, said, run),
+    )
 
 
 def cache_path(config: Config) -> Path:
@@ -83,15 +103,26 @@ async def _generate(
     """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
     out_dir: Path = config.output.dir
     checkpoint = load_checkpoint(out_dir)
-    manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
+    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+    manifest.check_and_write(
+        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
+    )
     types = list(config.generation.types)
-    only = {unit for unit in checkpoint.failed if unit[1] in types} if retry_failed else None
+    # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
+    # the config and running the same command recovers them.
+    redo = checkpoint.failed.of_types(types)
+    only = redo if retry_failed else None
     if only is not None:
         log.info("--retry-failed: %d units with failed items to run again", len(only))
         if not only:
             return None
     elif checkpoint.done:
-        log.info("resuming: %d units already done in %s", len(checkpoint.done), out_dir)
+        log.info(
+            "resuming: %d units already done in %s; %d of them lost items and run again",
+            len(checkpoint.done),
+            out_dir,
+            len(redo),
+        )
     limits = config.limits
     limiter = RequestLimiter(
         limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
@@ -102,10 +133,16 @@ async def _generate(
             config.teacher, config.retry, limiter, stats, cache=replies
         ) as teacher:
             log.info("teacher %r, %r, %r", teacher, limiter, replies)
-            flows = build_flows(config, teacher)
-            writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=only or set())
+            flows = build_flows(config, teacher, make_breaker(config))
+            writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=redo)
             scheduler = Scheduler(
-                [flows[t] for t in types], writer, checkpoint, stats, config.workers, only=only
+                [flows[t] for t in types],
+                writer,
+                checkpoint,
+                stats,
+                config.workers,
+                only=only,
+                redo=redo,
             )
             seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
             shutdown = Shutdown(config.run.grace_s, scheduler.stop)

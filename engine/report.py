@@ -95,6 +95,12 @@ def build(
             "from_cache": stats.cached,
         },
         "failed_items_by_kind": dict(sorted(stats.failures.items())),
+        "lost_items": _lost_items(stats),
+        "preflight": {
+            # None: skipped (--no-preflight).
+            "requests": stats.preflight_requests if stats.preflight_ran else None,
+            "adapted": list(stats.adapted),
+        },
         "tokens": {
             "prompt": stats.prompt_tokens,
             "completion": stats.completion_tokens,
@@ -152,6 +158,18 @@ def _type_entry(stats: Stats, gen_type: str, out: Path) -> dict[str, Any]:
     }
 
 
+def _lost_items(stats: Stats) -> dict[str, Any]:
+    """Items lost by earlier runs that this run ran again, how many it won back, and what
+    failures.jsonl lists at the end (for the run's types), by reason."""
+    return {
+        "before": stats.lost_before.total(),
+        "before_by_reason": dict(sorted(stats.lost_before.items())),
+        "recovered": stats.recovered,
+        "still_failing": stats.still_lost.total(),
+        "still_failing_by_reason": dict(sorted(stats.still_lost.items())),
+    }
+
+
 def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
     """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename)."""
     path = out_dir / REPORT_FILE
@@ -184,9 +202,10 @@ def summary(report: Mapping[str, Any]) -> str:
         *rows,
         f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
         f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
-        f"{req['from_cache']} answered from cache",
+        f"{req['from_cache']} answered from cache{_preflight(report)}",
         f"  failed items: {sum(report['failed_items_by_kind'].values())}"
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
+        *_lost_line(report),
         f"  tokens: {tok['prompt']} in, {tok['completion']} out",
         _teacher_line(report["teacher"]),
         f"  per minute: {rates['requests']:.0f} requests (cap {_cap(rates['requests_cap'])}), "
@@ -195,6 +214,29 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _preflight(report: Mapping[str, Any]) -> str:
+    preflight = report.get("preflight") or {}
+    if preflight.get("requests") is None:
+        return ""
+    adapted = "; ".join(preflight.get("adapted") or [])
+    return f"; preflight: {preflight['requests']} requests" + (f" ({adapted})" if adapted else "")
+
+
+def _lost_line(report: Mapping[str, Any]) -> list[str]:
+    lost = report.get("lost_items") or {}
+    if not lost.get("before") and not lost.get("still_failing"):
+        return []
+    still = f"{lost['still_failing']} still failing{_by_kind(lost['still_failing_by_reason'])}"
+    if not lost["before"]:
+        return [f"  lost items: {still}: fix the cause and run the same command to retry them"]
+    again = ": run the same command to retry them" if lost["still_failing"] else ""
+    return [
+        f"  lost items: {lost['before']} lost by earlier runs"
+        f"{_by_kind(lost['before_by_reason'])}, {lost['recovered']} recovered by this run; "
+        f"{still}{again}"
+    ]
 
 
 def _teacher_line(teacher: Mapping[str, Any]) -> str:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import Checkpoint, UnitSet
 from engine.flows.base import Flow
 from engine.seeds import Reject, SeedRow
 from engine.stats import Stats
@@ -34,10 +34,13 @@ class Scheduler:
         checkpoint: Checkpoint,
         stats: Stats,
         workers: int,
-        only: AbstractSet[tuple[str, str]] | None = None,
+        only: AbstractSet[tuple[str, str]] | UnitSet | None = None,
+        redo: AbstractSet[tuple[str, str]] | UnitSet = frozenset(),
     ) -> None:
-        """``only``: run just these units (``--retry-failed``), whether done or not."""
+        """``only``: run just these units (``--retry-failed``), whether done or not;
+        ``redo``: also run these units although they are done (they lost items)."""
         self.only = only
+        self.redo = redo
         self.flows = flows
         self.writer = writer
         self.checkpoint = checkpoint
@@ -93,7 +96,8 @@ class Scheduler:
         """Whether this run works on the unit (also asked by the progress count)."""
         if self.only is not None:
             return (doc_id, gen_type) in self.only
-        return not self.checkpoint.is_done(doc_id, gen_type)
+        unit = (doc_id, gen_type)
+        return not self.checkpoint.is_done(doc_id, gen_type) or unit in self.redo
 
     async def _work(
         self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]

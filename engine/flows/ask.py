@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel
 
 from engine import structured
+from engine.breaker import Breaker
 from engine.errors import InvalidReply, ItemError
 from engine.structured import Mode
 from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
@@ -89,6 +90,8 @@ class Asker:
     mode: Mode
     attempts: int
     supports_n: bool
+    # Told of every reply that yields a valid sample (the units tell it of losses).
+    breaker: Breaker | None = None
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
         """The request for ``ask``: ``note`` and the schema instructions appended to the last
@@ -185,6 +188,7 @@ class Asker:
         if not reply.choices:
             problem = InvalidReply("the reply had no choices", check="no_choices")
         model = reply.model or self.teacher.model
+        won = False
         for choice in reply.choices[: len(missing)]:
             try:
                 value = _parse(ask, choice, check)
@@ -192,6 +196,9 @@ class Asker:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
                 problem = err
                 continue
+            if not won and self.breaker is not None:
+                self.breaker.won(ask.stage)
+            won = True
             on_item(missing.pop(0), Parsed(value, choice, model))
         return problem
 

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from engine import prompts
-from engine.errors import FatalRunError, ItemError
+from engine.errors import FatalRunError, ItemError, SystematicFailure
 from engine.flows.ask import Ask, Asker
 from engine.flows.base import Failure, StagePlan, UnitResult, make_record
 from engine.seeds import SeedRow
@@ -142,7 +142,12 @@ class Unit:
             self.fail(stage, item, err)
 
     def fail(self, stage: str, item: str, err: ItemError) -> None:
+        """Record ``item`` of ``stage`` as lost. Raises ``SystematicFailure`` when this loss
+        trips the breaker: the unit is abandoned, and so is the run."""
         log.info("%s %s %s lost: %s", self.seed.doc_id, stage, item, err)
+        breaker = self.asker.breaker
+        if breaker is not None and (trip := breaker.lost(stage, self.seed.doc_id, err)):
+            raise SystematicFailure(breaker.describe(trip))
         self._failures.append(Failure.from_error(stage, item, err))
 
     def add(self, pair: Pair) -> None:
