@@ -20,7 +20,7 @@ from engine import __version__, report
 from engine.config import Config, load_config
 from engine.embedded import check_installed
 from engine.errors import ConfigError, FatalRunError
-from engine.job import check_paths, run_job
+from engine.job import check_paths, probe_teacher, run_job
 from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
 from engine.report import Outcome
 from engine.seeds import Reject, read_seeds
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.set)
         if args.command == "validate":
-            return _validate(config)
+            return _validate(config, probe=args.probe)
         if args.command == "plan":
             return _plan(config, args.latency, fresh=args.fresh)
         options = {
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "force": args.force,
             "cache": not args.no_cache,
             "retry_failed": args.retry_failed,
+            "preflight": not args.no_preflight,
         }
         return _run(config, options)
     except ConfigError as err:
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "generate the datasets (resumes where the last run stopped)"),
-        ("validate", "check the config and the seed file; send nothing"),
+        ("validate", "check the config and the seed file; send nothing (--probe: the teacher)"),
         ("plan", "count the requests and tokens a run would send, and its duration; send nothing"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
@@ -76,7 +77,19 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "plan":
             _plan_arguments(sub)
+        if name == "validate":
+            sub.add_argument(
+                "--probe",
+                action="store_true",
+                help="also check the teacher with the run's preflight (a handful of tiny "
+                "requests), and send nothing else",
+            )
         if name == "run":
+            sub.add_argument(
+                "--no-preflight",
+                action="store_true",
+                help="skip the check of the teacher before the first seed row",
+            )
             sub.add_argument(
                 "--fresh",
                 action="store_true",
@@ -202,7 +215,7 @@ def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
     return leaves
 
 
-def _validate(config: Config) -> int:
+def _validate(config: Config, *, probe: bool = False) -> int:
     check_paths(config)
     teacher = config.teacher
     if teacher.mode == "embedded":
@@ -219,4 +232,16 @@ def _validate(config: Config) -> int:
         else:
             good += 1
     print(f"config OK; {config.input.seeds}: {good} valid rows, {rejected} rejected")
+    return _probe(config) if probe else EXIT_OK
+
+
+def _probe(config: Config) -> int:
+    """``validate --probe``: the preflight alone; what it found, or the one line to fix."""
+    stats = Stats()
+    try:
+        findings = asyncio.run(probe_teacher(config, stats))
+    except FatalRunError as err:
+        print(f"teacher check failed ({stats.preflight_requests} requests): {err}")
+        return EXIT_FATAL
+    print(f"teacher OK ({stats.preflight_requests} requests): " + "; ".join(findings.summary()))
     return EXIT_OK

@@ -360,7 +360,14 @@ class ProbeReply:
 
     @property
     def excerpt(self) -> str:
-        return _excerpt(self.body) if self.status is not None else self.error
+        """The server's words: an OpenAI-style error's message when the body is one, else
+        the start of the body (or, with no answer, why)."""
+        if self.status is None:
+            return self.error
+        body = self.json()
+        error = body.get("error", body) if isinstance(body, dict) else None
+        message = error.get("message") or error.get("detail") if isinstance(error, dict) else None
+        return _excerpt(message.encode()) if isinstance(message, str) else _excerpt(self.body)
 
 
 def redirected(base_url: str, url: str, status: int, headers: Mapping[str, str]) -> Redirected:

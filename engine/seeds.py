@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import io
 import lzma
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,7 @@ def _decompressed(kind: str, raw: io.BufferedReader) -> io.BufferedIOBase:
     return lzma.LZMAFile(raw, "rb")
 
 
-def read_seeds(path: Path, max_document_chars: int) -> Iterator[SeedRow | Reject]:
+def read_seeds(path: Path, max_document_chars: int) -> Generator[SeedRow | Reject, None, None]:
     """Yield each line of ``path`` as a ``SeedRow`` or a ``Reject`` saying what is wrong.
 
     A compressed file that turns out damaged part way yields one last ``Reject`` saying so;

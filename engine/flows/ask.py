@@ -155,6 +155,10 @@ class Asker:
         while True:
             note = _note(missing[0], total, problem, bad_rounds)
             request = self.request(ask, len(missing), note)
+            if self.breaker is not None and self.breaker.tripped is not None:
+                # The run is stopping (the unit that tripped it raises): send nothing more,
+                # record nothing, wait for the cancellation that is on its way.
+                await asyncio.Event().wait()
             try:
                 reply = await self.teacher.complete(request)
             except ItemError as err:
