@@ -40,7 +40,8 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     seeds: Path = Path("config/sample_seeds.jsonl")
     """Module 2's seed_data.jsonl: one JSON object per line with document,
-    document_outline, domain, icl_document, icl_query_1..3. Read as a stream."""
+    document_outline, domain, icl_document, icl_query_1..3. Read as a stream, gzip, bzip2
+    or xz compressed or not."""
     max_document_chars: int = Field(60_000, ge=1, le=10_000_000)
     """Rows whose document is longer than this (characters) go to rejects.jsonl."""
 
