@@ -20,6 +20,7 @@ run on the ``Trip`` that ``lost`` returns.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,13 +89,25 @@ def _no_fix(signature: Signature, body: str) -> str:
     return ""
 
 
+# An OpenAI-style error's message inside a (possibly cut) JSON body excerpt.
+_MESSAGE = re.compile(r'"message"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def server_words(body: str) -> str:
+    """What the server said: an OpenAI-style error's message if the body holds one, else the
+    body itself, on one line."""
+    found = _MESSAGE.search(body)
+    text = found.group(1).replace('\\"', '"').replace("\\n", " ") if found else body
+    return " ".join(text.split())
+
+
 def describe(trip: Trip, fix: Fixes = _no_fix) -> str:
     """The one line a trip is reported with: what, where, the server's words, the fix."""
-    said = " ".join((trip.body or trip.message).split())[:EXCERPT_CHARS]
+    said = server_words(trip.body or trip.message)[:EXCERPT_CHARS]
     advice = fix(trip.signature, f"{trip.message} {trip.body}")
     return (
-        f"stopped: {trip.reason}; the server said: {said!r}. "
-        f"{advice + '. ' if advice else ''}"
+        f'{trip.reason}; the server said: "{said}". '
+        f"{'Likely fix: ' + advice + '. ' if advice else ''}"
         "Fix that and run the same command again: the lost items are run again"
     )
 

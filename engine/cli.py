@@ -179,8 +179,11 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
         return Outcome(interrupted, "interrupted", f"{name}: finished units are saved; resumable")
     for cause in fatal:
         log.error("run stopped: %s", cause)
-    if fatal:
+    if fatal and stats.failures:
+        log.info("fix the cause and run the same command: it runs again what was lost too")
+    elif fatal:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
+    if fatal:
         return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in fatal))
     log.info("output in %s", config.output.dir)
     if stats.failures:

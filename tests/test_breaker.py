@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.breaker import Breaker, Signature, Trip, describe
+from engine.breaker import Breaker, Signature, Trip, describe, server_words
 from engine.errors import (
     InvalidReply,
     ItemError,
@@ -167,11 +167,13 @@ def test_a_trip_is_one_line_with_the_cause_the_server_s_words_and_the_fix() -> N
     text = describe(trip, lambda sig, said: f"lower the key for {sig.stage} ({said[:20]})")
     assert "\n" not in text
     assert text.startswith(
-        "stopped: 3 different documents lost t/summary items the same way "
+        "3 different documents lost t/summary items the same way "
         "(HTTP 400 (request_rejected)) and none of that stage succeeded"
     )
-    assert "the server said: 'maximum context length is 2048 tokens'" in text
-    assert "lower the key for t/summary (the teacher rejected)" in text
+    assert 'the server said: "maximum context length is 2048 tokens"' in text
+    assert (
+        '"maximum context length is 2048 tokens". Likely fix: lower the key for t/summary' in text
+    )
     assert text.endswith("run the same command again: the lost items are run again")
 
 
@@ -182,6 +184,26 @@ def test_a_share_trip_says_how_many_of_how_many() -> None:
         "8 of the last 10 t/summary items were lost the same way (invalid_reply: no_json), "
         "from 3 different documents"
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            '{"error": {"message": "The model `m` does not exist.", "type": "x"}}',
+            ("The model `m` does not exist."),
+        ),
+        (
+            '{"object":"error","message":"This model\'s maximum context length is 2048 tok',
+            ("This model's maximum context length is 2048 tok"),
+        ),
+        ('{"error":{"message":"say \\"n\\"\\nnow"}}', 'say "n" now'),
+        ("<html>\n  <h1>502 Bad Gateway</h1>\n</html>", "<html> <h1>502 Bad Gateway</h1> </html>"),
+        ("404: Not Found", "404: Not Found"),
+    ],
+)
+def test_the_server_s_words_are_its_error_message(body: str, words: str) -> None:
+    assert server_words(body) == words
 
 
 def test_bad_settings_are_refused() -> None:

@@ -112,7 +112,8 @@ async def test_404_without_v1_stops_the_run_and_the_fixed_url_completes_it(tmp_p
         assert 5 <= sent <= PACED, sent
         assert f"TEACHER_MODEL_BASE_URL should probably end in /v1: try {bare}/v1" in output
         assert "HTTP 404" in output
-        assert output.count("run stopped: stopped:") == 1  # one message, not one per unit
+        assert output.count("ERROR engine: run stopped:") == 1  # one message, not one per unit
+        assert "run the same command: it runs again what was lost too" in output
         assert report(out)["exit"]["status"] == "fatal"
 
         code, output = await run_cli(sim.base_url, out, seeds, "--no-preflight")
@@ -229,7 +230,7 @@ async def test_one_chunk_over_the_context_fails_only_its_own_units(tmp_path: Pat
     assert {f["gen_type"] for f in lost} == set(EXPECTED_PER_DOC)  # its four units, each
     for gen_type, per_doc in EXPECTED_PER_DOC.items():
         assert len(records(out, gen_type)) == (DOCS - 1) * per_doc
-    assert "stopped:" not in output
+    assert "run stopped" not in output and "different documents lost" not in output
 
 
 # --- the same cases with the preflight on (the default): stopped before any seed row ------
