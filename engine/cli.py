@@ -227,6 +227,8 @@ def _validate(config: Config, *, probe: bool = False) -> int:
     else:
         urls = ", ".join(report.public_url(url) for url in teacher.urls)
         print(f"teacher: {teacher.model} at {urls} (not contacted)")
+        if not probe:
+            print("  (validate --probe checks it with the run's preflight: a few tiny requests)")
     good = rejected = 0
     for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):
