@@ -71,7 +71,7 @@ async def timed_run(sim_config: SimulatorConfig, docs: int, overrides: Sequence[
             config = build_config(sim.base_url, Path(tmp) / "out", seeds, overrides)
             stats = Stats()
             start = time.monotonic()
-            await run_job(config, stats, cache=False)
+            await run_job(config, stats, cache=False, preflight=False)  # the pipeline alone
             return TimedRun(start, time.monotonic(), stats, list(sim.state.requests))
 
 

@@ -71,7 +71,7 @@ def main() -> None:
         start = time.monotonic()
         if profiler is not None:
             profiler.enable()
-        asyncio.run(run_job(config, stats, cache=False))
+        asyncio.run(run_job(config, stats, cache=False, preflight=False))
         if profiler is not None:
             profiler.disable()
         wall = time.monotonic() - start

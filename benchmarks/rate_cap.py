@@ -90,7 +90,7 @@ async def _run(args: argparse.Namespace) -> None:
             config = build_config(sim.base_url, Path(tmp) / "out", seeds, overrides)
             stats = Stats()
             start = time.monotonic()
-            task = asyncio.create_task(run_job(config, stats, cache=False))
+            task = asyncio.create_task(run_job(config, stats, cache=False, preflight=False))
             done, _ = await asyncio.wait({task}, timeout=args.seconds)
             stopped = time.monotonic()
             if not done:

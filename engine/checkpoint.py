@@ -65,6 +65,19 @@ class UnitSet:
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._by_type.values())
 
+    @property
+    def types(self) -> set[str]:
+        """The types that have units in the set."""
+        return {gen_type for gen_type, ids in self._by_type.items() if ids}
+
+    def of_types(self, gen_types: Iterable[str]) -> UnitSet:
+        """The units of ``gen_types`` only."""
+        subset = UnitSet()
+        for gen_type in gen_types:
+            if ids := self._by_type.get(gen_type):
+                subset._by_type[gen_type] = set(ids)
+        return subset
+
     def __repr__(self) -> str:
         return f"<UnitSet {len(self)}>"
 
@@ -186,10 +199,10 @@ def _truncate(path: Path, length: int) -> None:
             os.fsync(f.fileno())
 
 
-def record_ids(out_dir: Path, units: set[tuple[str, str]]) -> set[str]:
+def record_ids(out_dir: Path, units: UnitSet) -> set[str]:
     """Ids of the records already written for ``units`` (one pass over their types' files)."""
     ids: set[str] = set()
-    for gen_type in {gen_type for _doc, gen_type in units}:
+    for gen_type in units.types:
         path = out_dir / gen_name(gen_type)
         if not path.exists():
             continue

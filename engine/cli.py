@@ -21,7 +21,7 @@ from engine import __version__, network, report
 from engine.config import Config, TeacherConfig, load_config
 from engine.embedded import check_installed
 from engine.errors import ConfigError, FatalRunError
-from engine.job import check_paths, run_job
+from engine.job import check_paths, probe_teacher, run_job
 from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
 from engine.report import Outcome
 from engine.seeds import Reject, read_seeds
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.set)
         if args.command == "validate":
-            return _validate(config)
+            return _validate(config, probe=args.probe)
         if args.command == "plan":
             return _plan(config, args.latency, fresh=args.fresh)
         options = {
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "force": args.force,
             "cache": not args.no_cache,
             "retry_failed": args.retry_failed,
+            "preflight": not args.no_preflight,
         }
         return _run(config, options)
     except ConfigError as err:
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "generate the datasets (resumes where the last run stopped)"),
-        ("validate", "check the config and the seed file; send nothing"),
+        ("validate", "check the config and the seed file; send nothing (--probe: the teacher)"),
         ("plan", "count the requests and tokens a run would send, and its duration; send nothing"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
@@ -77,7 +78,19 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "plan":
             _plan_arguments(sub)
+        if name == "validate":
+            sub.add_argument(
+                "--probe",
+                action="store_true",
+                help="also check the teacher with the run's preflight (a handful of tiny "
+                "requests), and send nothing else",
+            )
         if name == "run":
+            sub.add_argument(
+                "--no-preflight",
+                action="store_true",
+                help="skip the check of the teacher before the first seed row",
+            )
             sub.add_argument(
                 "--fresh",
                 action="store_true",
@@ -168,8 +181,11 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
     causes = _distinct(fatal)
     for cause in causes:
         log.error("run stopped: %s", cause)
-    if causes:
+    if causes and stats.failures:
+        log.info("fix the cause and run the same command: it runs again what was lost too")
+    elif causes:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
+    if causes:
         return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in causes))
     log.info("output in %s", config.output.dir)
     if stats.failures:
@@ -228,14 +244,18 @@ def _routes(teacher: TeacherConfig) -> str:
     return ", ".join(routes)
 
 
-def _validate(config: Config) -> int:
+def _validate(config: Config, *, probe: bool = False) -> int:
     check_paths(config)
     teacher = config.teacher
     if teacher.mode == "embedded":
         check_installed()  # a missing extra is found now, not when the run starts
         print("teacher: none set: the embedded demo teacher (a tiny local model) would run")
     else:
-        print(f"teacher: {teacher.model} at {_routes(teacher)} (not contacted)")
+        if probe:
+            print(f"teacher: {teacher.model} at {_routes(teacher)}")
+        else:
+            print(f"teacher: {teacher.model} at {_routes(teacher)} (not contacted)")
+            print("  (validate --probe checks it with the run's preflight: a few tiny requests)")
     good = rejected = 0
     for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):
@@ -244,4 +264,16 @@ def _validate(config: Config) -> int:
         else:
             good += 1
     print(f"config OK; {config.input.seeds}: {good} valid rows, {rejected} rejected")
+    return _probe(config) if probe else EXIT_OK
+
+
+def _probe(config: Config) -> int:
+    """``validate --probe``: the preflight alone; what it found, or the one line to fix."""
+    stats = Stats()
+    try:
+        findings = asyncio.run(probe_teacher(config, stats))
+    except FatalRunError as err:
+        print(f"teacher check failed ({stats.preflight_requests} requests): {err}")
+        return EXIT_FATAL
+    print(f"teacher OK ({stats.preflight_requests} requests): " + "; ".join(findings.summary()))
     return EXIT_OK

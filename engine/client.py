@@ -15,20 +15,21 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import orjson
 
 from engine.cache import ResponseCache, canonical_body, request_key
 from engine.config import RetryConfig, TeacherConfig
-from engine.endpoints import EndpointPool, Passage
+from engine.endpoints import Endpoint, EndpointPool, Passage
 from engine.errors import (
     AuthError,
     ConfigError,
     EngineError,
     ItemError,
     MalformedResponse,
+    Redirected,
     RequestRejected,
     RetriesExhausted,
     RetryableError,
@@ -51,7 +52,7 @@ from engine.outage import Outcome
 from engine.redact import redact
 from engine.retry import backoff, classify, retry_after
 from engine.stats import Stats
-from engine.teacher import ChatReply, ChatRequest, Choice, Usage
+from engine.teacher import ChatReply, ChatRequest, Choice, Usage, Wire
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class HTTPTeacher:
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._cache = cache
+        # How requests are written for this server (set from the preflight's findings).
+        self.wire = Wire()
         self._session: aiohttp.ClientSession | None = None
         key = teacher.api_key
         self._secret = key.get_secret_value() if key is not None else None
@@ -160,7 +163,7 @@ class HTTPTeacher:
         ``RetriesExhausted`` (attempts used up), ``AuthError`` (401/403) or ``EndpointDown``
         (both fatal for the run).
         """
-        body = canonical_body(request.payload(self.model))
+        body = canonical_body(request.payload(self.model, self.wire))
         # Looked up before the limiter and the endpoints: a hit spends neither.
         key = request_key(body) if self._cache is not None else None
         if key is not None and (cached := self._cached(key)) is not None:
@@ -186,7 +189,8 @@ class HTTPTeacher:
 
     def forget(self, request: ChatRequest) -> None:
         if self._cache is not None:
-            self._cache.discard(request_key(canonical_body(request.payload(self.model))))
+            body = canonical_body(request.payload(self.model, self.wire))
+            self._cache.discard(request_key(body))
 
     async def _wait(self, attempt: int, err: RetryableError, stage: str) -> None:
         """Back off before attempt ``attempt + 1``, or give up: ``RetriesExhausted``."""
@@ -268,7 +272,7 @@ class HTTPTeacher:
         finally:
             self.endpoints.settle(passage)
         try:
-            reply = self._reply(passage.endpoint.url, status, headers, raw)
+            reply = self._reply(passage.endpoint, status, headers, raw)
         except EngineError as err:
             if status == HTTPStatus.TOO_MANY_REQUESTS:
                 # Fewer requests in flight for a while, and none sent until Retry-After.
@@ -284,14 +288,42 @@ class HTTPTeacher:
         seconds = err.retry_after if isinstance(err, RetryableError) else None
         return None if seconds is None else min(seconds, self._retry.retry_after_max_s)
 
+    async def probe(self, url: str, payload: Mapping[str, Any] | None = None) -> ProbeReply:
+        """One preflight request: ``GET url``, or ``POST`` of ``payload`` as JSON.
+
+        Sent once, outside the limiter, the endpoint pool, the cache and the retries: the
+        preflight wants to see what the server says, whatever it is. Never raises for what
+        the server or the network did; counted in ``Stats.preflight_requests``.
+        """
+        self._stats.preflight_requests += 1
+        body = None if payload is None else orjson.dumps(payload)
+        try:
+            status, headers, raw = await self._send("POST" if body else "GET", url, body)
+        except RetryableError as err:
+            return ProbeReply(url, None, {}, b"", str(err))
+        # A gateway may echo the key in its answer, which the preflight quotes in messages.
+        if self._secret is not None and self._secret in raw.decode("utf-8", "replace"):
+            raw = redact(raw.decode("utf-8", "replace"), self._secret).encode()
+        return ProbeReply(url, status, dict(headers), raw)
+
     async def _post(self, url: str, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        """The HTTP exchange itself; aiohttp's exceptions end here."""
+        return await self._send("POST", url, body)
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """The HTTP exchange itself; aiohttp's exceptions end here. Redirects are never
+        followed: a POST re-sent as a GET would be answered 405 and hide the cause."""
         if self._session is None:
             raise RuntimeError("HTTPTeacher is not open: use `async with HTTPTeacher(...)`")
         proxy = self._proxy(url)
         try:
-            async with self._session.post(
-                url, data=body, proxy=None if proxy is None else proxy.url
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                allow_redirects=False,
+                proxy=None if proxy is None else proxy.url,
             ) as response:
                 return response.status, response.headers, await response.read()
         # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
@@ -331,7 +363,9 @@ class HTTPTeacher:
             )
         return TeacherConnectionError(f"connection to {url} failed: {type(err).__name__}: {err}")
 
-    def _reply(self, url: str, status: int, headers: Mapping[str, str], raw: bytes) -> ChatReply:
+    def _reply(
+        self, endpoint: Endpoint, status: int, headers: Mapping[str, str], raw: bytes
+    ) -> ChatReply:
         decision = classify(status)
         if decision == "ok":
             reply = self._parse(raw)
@@ -339,9 +373,13 @@ class HTTPTeacher:
             self._stats.completion_tokens += reply.usage.completion_tokens
             return reply
         if decision == "auth":
-            raise AuthError(url, status)
-        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED and (proxy := self._proxy(url)):
-            raise proxy_failure(url, proxy, status, "Proxy Authentication Required")
+            raise AuthError(endpoint.url, status)
+        if decision == "redirect":
+            raise redirected(endpoint.url, endpoint.chat_url, status, headers)
+        if status == HTTPStatus.PROXY_AUTHENTICATION_REQUIRED and (
+            proxy := self._proxy(endpoint.chat_url)
+        ):
+            raise proxy_failure(endpoint.chat_url, proxy, status, "Proxy Authentication Required")
         excerpt = _excerpt(raw, self._secret)
         if decision == "reject":
             raise RequestRejected(
@@ -382,6 +420,48 @@ class HTTPTeacher:
         proxies = sorted({f"{p.public} ({p.variable})" for p in self._proxies.values() if p})
         via = f" via {', '.join(proxies)}" if proxies else ""
         return f"<HTTPTeacher {self.base_url} model={self.model}{via}>"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReply:
+    """What one preflight request got: the status, headers and body of the answer, or (with
+    ``status`` None) why there was none."""
+
+    url: str
+    status: int | None
+    headers: Mapping[str, str]
+    body: bytes
+    error: str = ""
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is not JSON."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+
+    @property
+    def excerpt(self) -> str:
+        """The server's words: an OpenAI-style error's message when the body is one, else
+        the start of the body (or, with no answer, why)."""
+        if self.status is None:
+            return self.error
+        body = self.json()
+        error = body.get("error", body) if isinstance(body, dict) else None
+        message = error.get("message") or error.get("detail") if isinstance(error, dict) else None
+        return _excerpt(message.encode()) if isinstance(message, str) else _excerpt(self.body)
+
+
+def redirected(base_url: str, url: str, status: int, headers: Mapping[str, str]) -> Redirected:
+    """The error for a redirect of a request to ``url`` (under ``base_url``): where it points,
+    and the base URL to use instead when the target is the same path elsewhere."""
+    location = next((v for k, v in headers.items() if k.lower() == "location"), "")
+    target = urljoin(url, location) if location else ""
+    suffix = url[len(base_url) :] if url.startswith(base_url) else ""
+    suggestion = ""
+    if target and suffix and target.split("?")[0].rstrip("/").endswith(suffix):
+        suggestion = target.split("?")[0].rstrip("/")[: -len(suffix)]
+    return Redirected(url, status, target, suggestion)
 
 
 class _EndpointDown(Exception):

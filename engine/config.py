@@ -50,7 +50,8 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     seeds: Path = Path("config/sample_seeds.jsonl")
     """Module 2's seed_data.jsonl: one JSON object per line with document,
-    document_outline, domain, icl_document, icl_query_1..3. Read as a stream."""
+    document_outline, domain, icl_document, icl_query_1..3. Read as a stream, gzip, bzip2
+    or xz compressed or not."""
     max_document_chars: int = Field(60_000, ge=1, le=10_000_000)
     """Rows whose document is longer than this (characters) go to rejects.jsonl."""
 
@@ -191,6 +192,16 @@ class RetryConfig(_Section):
     """The longest pause between two probes."""
     outage_max_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
     """Stop the run (resumably) when every endpoint has been down this long."""
+    breaker_documents: int = Field(5, ge=0, le=100_000)
+    """Stop the run when this many different documents lost items of one stage the same
+    way (same HTTP status, or same reply check) before any item of that stage succeeded;
+    0 = never stop on repeated losses."""
+    breaker_window: int = Field(50, ge=1, le=100_000)
+    """Once a stage has succeeded: the last items of the stage (won or lost) that the
+    breaker weighs."""
+    breaker_share: float = Field(0.8, gt=0, le=1)
+    """Stop the run when this share of a stage's last breaker_window items were lost the
+    same way, from at least breaker_documents different documents."""
 
 
 class RunConfig(_Section):

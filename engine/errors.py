@@ -68,6 +68,38 @@ class ProxyRefused(FatalRunError):
         super().__init__(message)
 
 
+class Redirected(FatalRunError):
+    """The endpoint answered with a redirect (3xx). It is never followed: clients that follow
+    one re-send the POST as a GET (and drop the key on another host), and the server then
+    answers 405 or 401, hiding the real cause. The user is asked for the final URL."""
+
+    def __init__(self, url: str, status: int, location: str, suggestion: str = "") -> None:
+        self.url = url
+        self.status = status
+        self.location = location
+        self.suggestion = suggestion
+        where = f"to {location}" if location else "without a Location"
+        fix = (
+            f"set TEACHER_MODEL_BASE_URL to the final URL, {suggestion}"
+            if suggestion
+            else "set TEACHER_MODEL_BASE_URL to the URL it ends at"
+        )
+        super().__init__(
+            f"the teacher at {url} answered HTTP {status}, a redirect {where}: requests are "
+            f"not re-sent to another URL (a POST would become a GET); {fix}"
+        )
+
+
+class SystematicFailure(FatalRunError):
+    """Items keep being lost the same way across documents (``engine.breaker``): every
+    further request of the stage would be lost too."""
+
+
+class PreflightFailed(FatalRunError):
+    """The preflight (``engine.preflight``) found the teacher unusable as configured; the
+    message says what to change."""
+
+
 class EmbeddedTeacherError(FatalRunError):
     """The embedded demo teacher (a local llama.cpp server) did not start or stopped."""
 

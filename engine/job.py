@@ -6,21 +6,26 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 from engine import manifest
+from engine.breaker import Breaker
 from engine.cache import CACHE_FILE, ResponseCache
-from engine.checkpoint import load_checkpoint
+from engine.causes import RunSettings, likely_fix
+from engine.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
 from engine.client import HTTPTeacher
-from engine.config import Config
+from engine.config import GEN_TYPES, Config
 from engine.embedded import embedded_teacher
 from engine.errors import ConfigError
-from engine.flows import build_flows
+from engine.flows import build_flows, stage_settings
 from engine.limits import RequestLimiter
 from engine.lock import DirectoryLock
+from engine.preflight import Findings
+from engine.preflight import check as preflight_check
 from engine.progress import show_progress
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, any_wanted, wanted
 from engine.seeds import read_seeds, seed_file_problem
 from engine.shutdown import Shutdown
 from engine.stats import Stats
@@ -32,7 +37,7 @@ log = logging.getLogger(__name__)
 def check_paths(config: Config) -> None:
     """Fail before any request if the seeds cannot be read or the output cannot be written."""
     problems = []
-    if problem := seed_file_problem(config.input.seeds):
+    if problem := seed_file_problem(config.input.seeds, config.input.max_document_chars):
         problems.append(problem)
     out_dir = config.output.dir
     try:
@@ -43,6 +48,56 @@ def check_paths(config: Config) -> None:
         problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
     if problems:
         raise ConfigError(problems)
+
+
+def make_breaker(config: Config) -> Breaker:
+    """The run's breaker, with the fixes it suggests worded for ``config``'s keys."""
+    run = RunSettings(
+        stage_settings(config),
+        config.teacher.structured_output,
+        config.teacher.supports_n,
+        config.teacher.model,
+        config.teacher.urls,
+    )
+    retry = config.retry
+    return Breaker(
+        documents=retry.breaker_documents,
+        window=retry.breaker_window,
+        share=retry.breaker_share,
+        fixes=lambda signature, said: likely_fix(signature, said, run),
+    )
+
+
+async def _checked(config: Config, teacher: HTTPTeacher, stats: Stats) -> Config:
+    """The preflight, before any seed row: the config to run with, the client's wire set."""
+    config, findings = await preflight_check(config, teacher, stats)
+    teacher.wire = findings.wire
+    if findings.adapted:
+        manifest.record_adapted(config.output.dir, findings.adapted)
+    return config
+
+
+def _work_to_do(config: Config, types: Sequence[str], want: Callable[[str, str], bool]) -> bool:
+    """Whether any unit is to run (a finished output needs no preflight)."""
+    with contextlib.closing(
+        read_seeds(config.input.seeds, config.input.max_document_chars)
+    ) as seeds:
+        return any_wanted(seeds, types, want)
+
+
+class _FirstSignal:
+    """What the first SIGINT/SIGTERM does: during the preflight, cancel at once (there is
+    nothing to finish); once units run, ``scheduler.stop`` (no new units; grace for the rest)."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+
+    def __call__(self) -> None:
+        self.action()
+
+
+def _wants(checkpoint: Checkpoint, only: UnitSet | None, redo: UnitSet, doc: str, t: str) -> bool:
+    return wanted(checkpoint, only, redo, (doc, t))
 
 
 def cache_path(config: Config) -> Path:
@@ -58,19 +113,26 @@ async def run_job(
     force: bool = False,
     cache: bool = True,
     retry_failed: bool = False,
+    preflight: bool = True,
 ) -> int | None:
-    """Generate every unit of ``config`` that the output directory does not already hold.
+    """Generate every unit of ``config`` that the output directory does not already hold, and
+    again every unit that lost items in an earlier run.
 
     Raises ``OutputInUse`` at once if another run is using the output directory.
 
     ``fresh`` moves existing output aside first; ``force`` adds to output made with other
     generation settings; ``cache=False`` neither reads nor writes the response cache;
     ``retry_failed`` runs only the units with items in failures.jsonl, adding the records they
-    lack. Returns the exit code a signal asked for (130/143), or None when the run went to
-    its end.
+    lack; ``preflight=False`` skips the teacher check (``engine.preflight``). Returns the exit
+    code a signal asked for (130/143), or None when the run went to its end.
     """
     check_paths(config)
-    options = {"force": force, "cache": cache, "retry_failed": retry_failed}
+    options = {
+        "force": force,
+        "cache": cache,
+        "retry_failed": retry_failed,
+        "preflight": preflight,
+    }
     with _own_output(config, fresh=fresh):
         if config.teacher.mode != "embedded":
             return await _generate(config, stats, **options)
@@ -99,21 +161,53 @@ def _own_output(config: Config, *, fresh: bool) -> Iterator[None]:
         lock.release()
 
 
+async def probe_teacher(config: Config, stats: Stats) -> Findings:
+    """Only the preflight (``validate --probe``): the embedded teacher is started for it."""
+    if config.teacher.mode == "embedded":
+        async with embedded_teacher(config) as served:
+            return await _probe(served, stats)
+    return await _probe(config, stats)
+
+
+async def _probe(config: Config, stats: Stats) -> Findings:
+    limits = config.limits
+    limiter = RequestLimiter(limits.requests_per_minute, limits.max_concurrency)
+    async with HTTPTeacher(config.teacher, config.retry, limiter, stats) as teacher:
+        return (await preflight_check(config, teacher, stats))[1]
+
+
 async def _generate(
-    config: Config, stats: Stats, *, force: bool, cache: bool, retry_failed: bool
+    config: Config,
+    stats: Stats,
+    *,
+    force: bool,
+    cache: bool,
+    retry_failed: bool,
+    preflight: bool,
 ) -> int | None:
     """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
     out_dir: Path = config.output.dir
     checkpoint = load_checkpoint(out_dir)
-    manifest.check_and_write(out_dir, config, has_output=bool(checkpoint.done), force=force)
+    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+    manifest.check_and_write(
+        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
+    )
     types = list(config.generation.types)
-    only = {unit for unit in checkpoint.failed if unit[1] in types} if retry_failed else None
+    # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
+    # the config and running the same command recovers them.
+    redo = checkpoint.failed.of_types(types)
+    only = redo if retry_failed else None
     if only is not None:
         log.info("--retry-failed: %d units with failed items to run again", len(only))
         if not only:
             return None
     elif checkpoint.done:
-        log.info("resuming: %d units already done in %s", len(checkpoint.done), out_dir)
+        log.info(
+            "resuming: %d units already done in %s; %d of them lost items and run again",
+            len(checkpoint.done),
+            out_dir,
+            len(redo),
+        )
     limits = config.limits
     limiter = RequestLimiter(
         limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
@@ -123,19 +217,33 @@ async def _generate(
         async with HTTPTeacher(
             config.teacher, config.retry, limiter, stats, cache=replies
         ) as teacher:
-            log.info("teacher %r, %r, %r", teacher, limiter, replies)
-            flows = build_flows(config, teacher, stats.count_reply)
-            writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=only or set())
-            scheduler = Scheduler(
-                [flows[t] for t in types], writer, checkpoint, stats, config.workers, only=only
-            )
-            seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
-            shutdown = Shutdown(config.run.grace_s, scheduler.stop)
             task = asyncio.current_task()
             assert task is not None
-            stats.teacher_model = teacher.model
+            stop = _FirstSignal(task.cancel)
+            shutdown = Shutdown(config.run.grace_s, stop)
             with shutdown.installed(task):
                 try:
+                    if preflight and await asyncio.to_thread(
+                        _work_to_do, config, types, partial(_wants, checkpoint, only, redo)
+                    ):
+                        config = await _checked(config, teacher, stats)
+                    log.info("teacher %r, %r, %r", teacher, limiter, replies)
+                    flows = build_flows(
+                        config, teacher, tally=stats.count_reply, breaker=make_breaker(config)
+                    )
+                    writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=redo)
+                    scheduler = Scheduler(
+                        [flows[t] for t in types],
+                        writer,
+                        checkpoint,
+                        stats,
+                        config.workers,
+                        only=only,
+                        redo=redo,
+                    )
+                    stop.action = scheduler.stop
+                    seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
+                    stats.teacher_model = teacher.model
                     async with show_progress(config, stats, limiter, scheduler):
                         await scheduler.run(seeds)
                 except asyncio.CancelledError:

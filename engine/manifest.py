@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,30 @@ def settings_by_type(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
-def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: bool) -> None:
+def check_and_write(
+    out_dir: Path,
+    config: Config,
+    *,
+    has_output: bool,
+    force: bool,
+    with_records: Collection[str] | None = None,
+) -> None:
     """Refuse (``ConfigError``) to add to output made with other settings, unless ``force``;
-    then record the current settings."""
+    then record the current settings.
+
+    ``with_records``: the types that have records on disk, when known. A type without any
+    (every item of it lost, say to a wrong ``max_tokens``) has nothing to be inconsistent
+    with, so fixing its settings and running again is not a change.
+    """
     path = out_dir / MANIFEST_FILE
     current = settings_by_type(config)
     previous = _read(path) if has_output else {}
     if has_output:
         _check_schema(out_dir, previous)
-    changes = _changes(previous.get("settings", {}), current)
+    old = previous.get("settings", {})
+    if with_records is not None:
+        old = {gen_type: knobs for gen_type, knobs in old.items() if gen_type in with_records}
+    changes = _changes(old, current)
     if changes and not force:
         raise ConfigError(
             [
@@ -76,6 +92,20 @@ def check_and_write(out_dir: Path, config: Config, *, has_output: bool, force: b
         "settings": merged,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    _write(path, manifest)
+
+
+def record_adapted(out_dir: Path, adapted: Sequence[str]) -> None:
+    """Record how the preflight adapted the requests to the server (``n`` asked as single
+    requests, ``max_completion_tokens``, no ``temperature``). For the record only: it
+    follows the server, so a resume never compares it."""
+    path = out_dir / MANIFEST_FILE
+    manifest = _read(path)
+    manifest["adapted_to_server"] = list(adapted)
+    _write(path, manifest)
+
+
+def _write(path: Path, manifest: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     os.replace(tmp, path)

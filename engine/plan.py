@@ -19,7 +19,7 @@ from engine.embedded import demo_config
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.flows.base import StagePlan
-from engine.seeds import Reject, read_seeds, seed_file_problem
+from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
 from engine.teacher import ChatReply, ChatRequest
 
 DEFAULT_LATENCY_S = 5.0
@@ -88,7 +88,7 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
     Raises ``ConfigError`` when the seed file is missing.
     """
     seeds = config.input.seeds
-    if problem := seed_file_problem(seeds):
+    if problem := seed_file_problem(seeds, config.input.max_document_chars):
         raise ConfigError([problem])
     done = UnitSet() if fresh else read_checkpoint(config.output.dir).done
     flows = build_flows(config, _Offline())
@@ -104,6 +104,18 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
             else:
                 plan.add(gen_type, flow.plan(item))
     return plan
+
+
+def stage_prompts(config: Config) -> dict[str, int]:
+    """Per stage, the estimated prompt tokens of one request for an empty document: the
+    stage's own instructions, the least any of its requests sends (``engine.preflight``)."""
+    empty = SeedRow("", 0, "", "", "", "", "", "", "")
+    prompts: dict[str, int] = {}
+    for flow in build_flows(config, _Offline()).values():
+        for part in flow.plan(empty):
+            if part.requests:
+                prompts[part.stage] = part.prompt_tokens // part.requests
+    return prompts
 
 
 @dataclass(frozen=True, slots=True)

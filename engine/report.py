@@ -107,6 +107,12 @@ def build(
             "from_cache": stats.cached,
         },
         "failed_items_by_kind": dict(sorted(stats.failures.items())),
+        "lost_items": _lost_items(stats),
+        "preflight": {
+            # None: skipped (--no-preflight).
+            "requests": stats.preflight_requests if stats.preflight_ran else None,
+            "adapted": list(stats.adapted),
+        },
         "tokens": {
             "prompt": stats.prompt_tokens,
             "completion": stats.completion_tokens,
@@ -206,6 +212,18 @@ def _rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+def _lost_items(stats: Stats) -> dict[str, Any]:
+    """Items lost by earlier runs that this run ran again, how many it won back, and what
+    failures.jsonl lists at the end (for the run's types), by reason."""
+    return {
+        "before": stats.lost_before.total(),
+        "before_by_reason": dict(sorted(stats.lost_before.items())),
+        "recovered": stats.recovered,
+        "still_failing": stats.still_lost.total(),
+        "still_failing_by_reason": dict(sorted(stats.still_lost.items())),
+    }
+
+
 def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
     """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename)."""
     path = out_dir / REPORT_FILE
@@ -239,9 +257,10 @@ def summary(report: Mapping[str, Any]) -> str:
         *_quality_rows(report),
         f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
         f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
-        f"{req['from_cache']} answered from cache",
+        f"{req['from_cache']} answered from cache{_preflight(report)}",
         f"  failed items: {sum(report['failed_items_by_kind'].values())}"
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
+        *_lost_line(report),
         f"  tokens: {tok['prompt']} in, {tok['completion']} out",
         _teacher_line(report["teacher"]),
         _rates_line(rates, req["sent"], tok["total"], report["wall_time_s"]),
@@ -309,6 +328,29 @@ def _rates_line(rates: Mapping[str, Any], sent: int, tokens: int, wall_s: float)
         f"  per minute, over the whole run: {rates['requests']:.0f} requests, "
         f"{rates['tokens']:.0f} tokens ({caps})"
     )
+
+
+def _preflight(report: Mapping[str, Any]) -> str:
+    preflight = report.get("preflight") or {}
+    if preflight.get("requests") is None:
+        return ""
+    adapted = "; ".join(preflight.get("adapted") or [])
+    return f"; preflight: {preflight['requests']} requests" + (f" ({adapted})" if adapted else "")
+
+
+def _lost_line(report: Mapping[str, Any]) -> list[str]:
+    lost = report.get("lost_items") or {}
+    if not lost.get("before") and not lost.get("still_failing"):
+        return []
+    still = f"{lost['still_failing']} still failing{_by_kind(lost['still_failing_by_reason'])}"
+    if not lost["before"]:
+        return [f"  lost items: {still}: fix the cause and run the same command to retry them"]
+    again = ": run the same command to retry them" if lost["still_failing"] else ""
+    return [
+        f"  lost items: {lost['before']} lost by earlier runs"
+        f"{_by_kind(lost['before_by_reason'])}, {lost['recovered']} recovered by this run; "
+        f"{still}{again}"
+    ]
 
 
 def _teacher_line(teacher: Mapping[str, Any]) -> str:

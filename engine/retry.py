@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC
 from typing import Literal
 
-Decision = Literal["ok", "retry", "reject", "auth"]
+Decision = Literal["ok", "retry", "reject", "auth", "redirect"]
 
 # Statuses worth sending again as they are (the same set the OpenAI SDK retries, plus 5xx).
 # llama.cpp reports a malformed request as 500, so a bad request may be retried in vain; the
@@ -27,11 +27,14 @@ _JITTER_MAX_S = 1.0
 
 
 def classify(status: int) -> Decision:
-    """What to do with an HTTP status: use the reply, retry, give up on the item, stop the run."""
+    """What to do with an HTTP status: use the reply, retry, give up on the item, stop the run
+    (``auth``: the credentials; ``redirect``: the URL, as a POST is never followed)."""
     if 200 <= status < 300:
         return "ok"
     if status in _AUTH:
         return "auth"
+    if 300 <= status < 400:
+        return "redirect"
     if status in _RETRYABLE or 500 <= status < 600:
         return "retry"
     return "reject"

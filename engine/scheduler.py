@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import Checkpoint, UnitSet
 from engine.flows.base import Flow
 from engine.seeds import Reject, SeedRow
 from engine.stats import Stats
@@ -22,6 +22,29 @@ from engine.writer import OutputWriter, UnitDone, WriterItem
 log = logging.getLogger(__name__)
 
 Unit = tuple[SeedRow, Flow]
+
+
+Units = AbstractSet[tuple[str, str]] | UnitSet
+
+
+def wanted(checkpoint: Checkpoint, only: Units | None, redo: Units, unit: tuple[str, str]) -> bool:
+    """Whether a run works on ``unit``: with ``only`` (``--retry-failed``), just those units;
+    else every unit not done, and the done ones in ``redo`` (they lost items)."""
+    if only is not None:
+        return unit in only
+    return unit not in checkpoint.done or unit in redo
+
+
+def any_wanted(
+    seeds: Iterable[SeedRow | Reject], gen_types: Sequence[str], want: Callable[[str, str], bool]
+) -> bool:
+    """Whether any unit of ``seeds`` is wanted; reads only up to the first one."""
+    return any(
+        want(item.doc_id, gen_type)
+        for item in seeds
+        if isinstance(item, SeedRow)
+        for gen_type in gen_types
+    )
 
 
 class Scheduler:
@@ -34,10 +57,13 @@ class Scheduler:
         checkpoint: Checkpoint,
         stats: Stats,
         workers: int,
-        only: AbstractSet[tuple[str, str]] | None = None,
+        only: Units | None = None,
+        redo: Units = frozenset(),
     ) -> None:
-        """``only``: run just these units (``--retry-failed``), whether done or not."""
+        """``only``: run just these units (``--retry-failed``), whether done or not;
+        ``redo``: also run these units although they are done (they lost items)."""
         self.only = only
+        self.redo = redo
         self.flows = flows
         self.writer = writer
         self.checkpoint = checkpoint
@@ -67,7 +93,9 @@ class Scheduler:
             await self._produce(seeds, units, results)
             for _ in pool:
                 await units.put(None)
-            await asyncio.gather(*pool)
+            # wait, not gather: a worker's error is the task group's to raise, once (gather
+            # would raise the same error again from here).
+            await asyncio.wait(pool)
             await results.put(None)
 
     async def _produce(
@@ -91,9 +119,7 @@ class Scheduler:
 
     def wanted(self, doc_id: str, gen_type: str) -> bool:
         """Whether this run works on the unit (also asked by the progress count)."""
-        if self.only is not None:
-            return (doc_id, gen_type) in self.only
-        return not self.checkpoint.is_done(doc_id, gen_type)
+        return wanted(self.checkpoint, self.only, self.redo, (doc_id, gen_type))
 
     async def _work(
         self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]

@@ -1,13 +1,20 @@
 """Streaming reader of ``seed_data.jsonl``: yields good rows and rejects, never stops on bad input.
 
 Memory stays flat in the file size: one line at a time, plus one small int per distinct
-document to recognise duplicates.
+document to recognise duplicates. A gzip, bzip2 or xz file (recognised by its first bytes,
+whatever its name) is read as the stream it compresses: large corpora are usually stored
+compressed.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
-from collections.abc import Iterator
+import io
+import lzma
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,15 @@ TEXT_FIELDS = (
 # Fields that must hold some text, not only be strings: records are useless without them.
 NON_EMPTY_FIELDS = ("document", "document_outline")
 _BOM = b"\xef\xbb\xbf"
+# Compressed streams by their first bytes: those the standard library reads, and the others.
+_READABLE = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+_UNREADABLE = {
+    b"\x28\xb5\x2f\xfd": "zstd-compressed: decompress it first (zstd -d) or use gzip",
+    b"\x04\x22\x4d\x18": "lz4-compressed: decompress it first (lz4 -d) or use gzip",
+    b"PK\x03\x04": "a zip archive: extract the JSON Lines file from it first (unzip)",
+}
+# Reasons quoted when a seed file has no usable row at all.
+_FIRST_REASONS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +80,115 @@ def doc_id_for(document: str) -> str:
     return hashlib.sha256(document.encode("utf-8")).hexdigest()[:DOC_ID_CHARS]
 
 
-def seed_file_problem(path: Path) -> str:
-    """What keeps ``path`` from being read as the seed file, as a config problem; "" if none."""
-    if path.is_file():
+class UnreadableSeedFile(ValueError):
+    """The seed file is in a format the engine cannot read as a stream (zstd, zip, ...)."""
+
+
+def seed_file_problem(path: Path, max_document_chars: int | None = None) -> str:
+    """What keeps ``path`` from being read as the seed file, as a config problem; "" if none.
+
+    With ``max_document_chars``, the file is also read up to its first usable row (all of it
+    only when it has none): a file with no usable row is a problem, named with the rows
+    rejected and the first reasons.
+    """
+    if not path.is_file():
+        return f"input.seeds: no such file: {path} (set input.seeds to your seed_data.jsonl)"
+    try:
+        with open_stream(path):
+            pass
+    except UnreadableSeedFile as err:
+        return f"input.seeds: {path} is {err}"
+    except OSError as err:
+        return f"input.seeds: cannot read {path}: {err.strerror or err}"
+    if max_document_chars is None:
         return ""
-    return f"input.seeds: no such file: {path} (set input.seeds to your seed_data.jsonl)"
+    first: list[Reject] = []
+    count = 0
+    for item in read_seeds(path, max_document_chars):
+        if isinstance(item, SeedRow):
+            return ""
+        count += 1
+        if len(first) < _FIRST_REASONS:
+            first.append(item)
+    if not first:
+        return f"input.seeds: {path} has no rows (the file is empty)"
+    return _no_usable_row(path, count, first)
 
 
-def read_seeds(path: Path, max_document_chars: int) -> Iterator[SeedRow | Reject]:
-    """Yield each line of ``path`` as a ``SeedRow`` or a ``Reject`` saying what is wrong."""
+def _no_usable_row(path: Path, count: int, first: list[Reject]) -> str:
+    reasons = "; ".join(f"line {r.line_no}: {r.reason}" for r in first)
+    problem = (
+        f"input.seeds: no usable row in {path}: {count} rejected (first: {reasons})"
+        if count > 1
+        else f"input.seeds: no usable row in {path}: its only line was rejected ({reasons})"
+    )
+    start = _first_text_byte(path)
+    if start == b"[":
+        return (
+            f"{problem}. The file is one JSON array; the engine reads JSON Lines, one JSON "
+            f"object per line: convert it with `jq -c '.[]' {path.name} > seed_data.jsonl`"
+        )
+    if start == b"{" and "invalid JSON" in first[0].reason:
+        return (
+            f"{problem}. Each row must be one JSON object on one line (JSON Lines), not an "
+            f"object spread over several lines: rewrite it with `jq -c . {path.name}`"
+        )
+    return problem
+
+
+def _first_text_byte(path: Path) -> bytes:
+    """The first byte of the (decompressed) stream that is not a BOM or white space."""
+    with contextlib.suppress(OSError, EOFError), open_stream(path) as f:
+        head = f.read(4096)
+        return head.removeprefix(_BOM).lstrip()[:1]
+    return b""
+
+
+@contextlib.contextmanager
+def open_stream(path: Path) -> Iterator[io.BufferedIOBase]:
+    """``path`` opened for reading bytes, decompressed if its first bytes say it is gzip,
+    bzip2 or xz. Raises ``UnreadableSeedFile`` for compressions the engine cannot read."""
+    with path.open("rb") as raw:
+        # peek reads at most one chunk: a pipe still yields its first row before it ends.
+        magic = raw.peek(6)[:6]
+        for prefix, message in _UNREADABLE.items():
+            if magic.startswith(prefix):
+                raise UnreadableSeedFile(message)
+        kind = next((k for prefix, k in _READABLE.items() if magic.startswith(prefix)), None)
+        if kind is None:
+            yield raw
+            return
+        with _decompressed(kind, raw) as stream:
+            yield stream
+
+
+def _decompressed(kind: str, raw: io.BufferedReader) -> io.BufferedIOBase:
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "bzip2":
+        return bz2.BZ2File(raw, "rb")
+    return lzma.LZMAFile(raw, "rb")
+
+
+def read_seeds(path: Path, max_document_chars: int) -> Generator[SeedRow | Reject, None, None]:
+    """Yield each line of ``path`` as a ``SeedRow`` or a ``Reject`` saying what is wrong.
+
+    A compressed file that turns out damaged part way yields one last ``Reject`` saying so;
+    the rows before it stand.
+    """
     first_seen: dict[int, int] = {}
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+    line_no = 0
+    with open_stream(path) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, lzma.LZMAError) as err:
+                yield Reject(line_no + 1, f"the compressed file is damaged here: {err}", "")
+                return
+            line_no += 1
             item = _parse_line(line_no, raw, max_document_chars)
             if isinstance(item, SeedRow):
                 key = int(item.doc_id, 16)

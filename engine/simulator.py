@@ -81,6 +81,15 @@ class SimulatorConfig:
     # limit, so that a client's token reservations are exact (token-pacing benchmarks).
     usage_fills_max_tokens: bool = False
     fault: FaultHook | None = None
+    # Where the API is served: "/v1" and "" (both, the default), or one of them.
+    prefixes: tuple[str, ...] = ("/v1", "")
+    # The context length, like vLLM's max_model_len: listed in /models, and a request whose
+    # prompt (4 characters a token) plus max_tokens exceeds it gets vLLM's 400. 0: no limit.
+    max_model_len: int = 0
+    # List max_model_len in /models (vLLM does; llama.cpp and hosted APIs do not).
+    report_context: bool = True
+    # Answer only for ``model`` (vLLM's 404 for any other), instead of for any name.
+    strict_model: bool = False
 
     def __post_init__(self) -> None:
         numbers = (self.latency_mean_s, self.latency_sigma, self.array_items, self.rpm_limit)
@@ -116,6 +125,8 @@ class SimulatorState:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.requests: list[RequestLog] = []
+        # Every HTTP request, whatever its path or method: (method, path, status).
+        self.http: list[tuple[str, str, int]] = []
         self.in_flight = 0
         self.peak_in_flight = 0
         self.rng = random.Random(config.seed)
@@ -178,20 +189,40 @@ _CONFIG = web.AppKey("simulator_config", SimulatorConfig)
 def make_app(config: SimulatorConfig) -> tuple[web.Application, SimulatorState]:
     """The simulator's aiohttp application and the statistics it keeps."""
     state = SimulatorState(config)
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_count_http])
     app[_STATE] = state
     app[_CONFIG] = config
-    for prefix in ("/v1", ""):
+    for prefix in config.prefixes:
         app.router.add_post(f"{prefix}/chat/completions", _chat_completions)
         app.router.add_get(f"{prefix}/models", _models)
     return app, state
+
+
+@web.middleware
+async def _count_http(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Log every request, 404s and 405s included (they never reach a handler)."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    finally:
+        request.app[_STATE].http.append((request.method, request.path, status))
 
 
 async def _models(request: web.Request) -> web.StreamResponse:
     config = request.app[_CONFIG]
     if not _authorized(request, config.api_key):
         return _unauthorized()
-    return _json({"object": "list", "data": [{"id": config.model, "object": "model"}]})
+    model: dict[str, Any] = {"id": config.model, "object": "model"}
+    if config.max_model_len and config.report_context:
+        model["max_model_len"] = config.max_model_len
+    return _json({"object": "list", "data": [model]})
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
@@ -229,6 +260,9 @@ async def _answer(
         faulty = None if config.fault is None else await config.fault(log.seq, body)
         if faulty is not None:
             return faulty
+        refused = _refusal(body, config)
+        if refused is not None:
+            return refused
         completion = _completion(body, config, log.seq)
         log.tokens = completion["usage"]["total_tokens"]
     except _BadRequest as err:
@@ -268,6 +302,32 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if body.get("stream"):
         raise _BadRequest("streaming is not supported by the simulator")
     return body
+
+
+def _refusal(body: dict[str, Any], config: SimulatorConfig) -> web.Response | None:
+    """vLLM's answers to a model it does not serve and to a request over the context."""
+    if config.strict_model and body.get("model") != config.model:
+        return _error(
+            404,
+            f"The model `{body.get('model')}` does not exist.",
+            kind="NotFoundError",
+            code=None,
+        )
+    limit = config.max_model_len
+    if not limit:
+        return None
+    prompt = sum(_tokens(_text_of(m.get("content"))) for m in body["messages"])
+    completion = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    if not isinstance(completion, int) or prompt + completion <= limit:
+        return None
+    return _error(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the "
+        "completion). Please reduce the length of the messages or completion.",
+        kind="BadRequestError",
+        code=None,
+    )
 
 
 def _describe(log: RequestLog, body: dict[str, Any]) -> None:

@@ -59,6 +59,11 @@ class Stats:
     # Wall-clock start, for the run report (``started`` is monotonic and means nothing outside).
     started_at: float = field(default_factory=time.time)
     requests_sent: int = 0
+    # Requests of the preflight (engine.preflight), before the run: not in requests_sent.
+    preflight_requests: int = 0
+    preflight_ran: bool = False
+    # What the preflight changed in the requests for this server, in words.
+    adapted: list[str] = field(default_factory=list)
     # Replies taken from the response cache: no request sent, no tokens spent.
     cached: int = 0
     prompt_tokens: int = 0
@@ -66,6 +71,12 @@ class Stats:
     retries: Counter[str] = field(default_factory=Counter)
     # Failed items by kind (request_rejected, retries_exhausted, ...).
     failures: Counter[str] = field(default_factory=Counter)
+    # Items lost by earlier runs in the units this run runs again, by reason ("kind: check"
+    # or "kind: HTTP status"); how many of them this run won; and the items failures.jsonl
+    # lists for the run's types at the end, by reason (engine.writer).
+    lost_before: Counter[str] = field(default_factory=Counter)
+    recovered: int = 0
+    still_lost: Counter[str] = field(default_factory=Counter)
     units_done: Counter[str] = field(default_factory=Counter)
     units_skipped: Counter[str] = field(default_factory=Counter)
     # By type: units that lost at least one item, and the items they lost.

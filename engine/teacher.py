@@ -34,6 +34,26 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Wire:
+    """How requests are written for one server, where servers differ (the preflight finds
+    out): OpenAI's reasoning models refuse ``max_tokens`` and ask for
+    ``max_completion_tokens``, and refuse any ``temperature`` but their default."""
+
+    max_tokens_field: str = "max_tokens"
+    temperature: bool = True  # False: leave it out, the server uses its default
+
+    @property
+    def changes(self) -> list[str]:
+        """What differs from the usual request, in words (for logs and the run report)."""
+        found = []
+        if self.max_tokens_field != "max_tokens":
+            found.append(f"max_tokens sent as {self.max_tokens_field}")
+        if not self.temperature:
+            found.append("temperature left out (the server allows only its default)")
+        return found
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """One chat-completions request, minus the model name (the client adds it)."""
 
@@ -53,19 +73,24 @@ class ChatRequest:
         """The most tokens this request can use: its prompt plus ``max_tokens`` per choice."""
         return self.prompt_tokens() + self.max_tokens * self.n
 
-    def payload(self, model: str) -> dict[str, Any]:
-        """The JSON body for ``POST /chat/completions``."""
+    def payload(self, model: str, wire: Wire | None = None) -> dict[str, Any]:
+        """The JSON body for ``POST /chat/completions``, written as ``wire`` says."""
+        wire = wire or _USUAL
         body: dict[str, Any] = {
             "model": model,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
         }
+        if wire.temperature:
+            body["temperature"] = self.temperature
+        body[wire.max_tokens_field] = self.max_tokens
         if self.n != 1:
             body["n"] = self.n
         if self.response_format is not None:
             body["response_format"] = self.response_format
         return body
+
+
+_USUAL = Wire()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ is lost; unusable paths stop the run before any request with exit code 2."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import orjson
 from engine.job import run_job
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
-from tests.test_e2e import REPO, SAMPLE_SEEDS, assert_complete_output, config_for
+from tests.test_e2e import REPO, SAMPLE_SEEDS, assert_complete_output, config_for, engine_cli
 
 GOOD = SAMPLE_SEEDS.read_bytes().splitlines()
 
@@ -84,3 +85,53 @@ def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
     done = run_cli(tmp_path, seeds, f'output.dir="{blocker / "out"}"')
     assert done.returncode == 2
     assert "output.dir: cannot write to" in done.stderr
+
+
+async def test_a_json_array_seed_file_exits_2_before_any_request_then_runs_as_json_lines(
+    tmp_path: Path,
+) -> None:
+    rows = [orjson.loads(line) for line in GOOD]
+    array = tmp_path / "seeds.json"
+    array.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig()) as sim:
+        for command in ("validate", "run"):
+            code, output = await engine_cli(
+                command, str(REPO / "config/default.toml"),
+                "--set", f'input.seeds="{array}"', "--set", f'output.dir="{out}"',
+                cwd=tmp_path, env=_env(sim.base_url),
+            )  # fmt: skip
+            assert code == 2, output
+            assert f"no usable row in {array}: {len(array.read_bytes().splitlines())} rejected" in (
+                output
+            )
+            assert "the engine reads JSON Lines, one JSON object per line" in output
+            assert "jq -c '.[]' seeds.json > seed_data.jsonl" in output
+        assert sim.state.total_requests == 0
+        # Converted as the message says, the same command runs every row.
+        jsonl = tmp_path / "seed_data.jsonl"
+        jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        await run_job(config_for(sim.base_url, out, f'input.seeds="{jsonl}"'), Stats())
+    assert_complete_output(out)
+
+
+async def test_a_gzip_seed_file_is_read_as_a_stream(tmp_path: Path) -> None:
+    seeds = tmp_path / "seed_data.jsonl.gz"
+    seeds.write_bytes(gzip.compress(SAMPLE_SEEDS.read_bytes()))
+    out = tmp_path / "out"
+    async with running_simulator(SimulatorConfig()) as sim:
+        code, output = await engine_cli(
+            "validate", str(REPO / "config/default.toml"), "--set", f'input.seeds="{seeds}"',
+            "--set", f'output.dir="{out}"', cwd=tmp_path, env=_env(sim.base_url),
+        )  # fmt: skip
+        assert code == 0, output
+        assert f"{len(GOOD)} valid rows, 0 rejected" in output
+        stats = Stats()
+        await run_job(config_for(sim.base_url, out, f'input.seeds="{seeds}"'), stats)
+    assert stats.seed_rows == len(GOOD)  # the progress count pass reads it too
+    assert_complete_output(out)
+
+
+def _env(base_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+    return env | {"TEACHER_MODEL_BASE_URL": base_url, "TEACHER_MODEL_NAME": "sim-teacher"}

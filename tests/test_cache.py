@@ -344,7 +344,7 @@ async def test_a_repeated_run_is_answered_from_the_cache(tmp_path: Path) -> None
     shared = f'output.cache="{tmp_path / "shared.sqlite"}"'
     first, second = tmp_path / "first", tmp_path / "second"
     async with running_simulator() as sim:
-        await run_job(config_for(sim.base_url, first, shared), Stats())
+        await run_job(config_for(sim.base_url, first, shared), Stats(), preflight=False)
         assert sim.state.total_requests == TOTAL
         stats = Stats()
         # One request a minute: anything that waited for the limiter would take hours.
@@ -352,7 +352,7 @@ async def test_a_repeated_run_is_answered_from_the_cache(tmp_path: Path) -> None
             sim.base_url, second, shared, "limits.requests_per_minute=1", "limits.max_concurrency=1"
         )
         async with asyncio.timeout(10):
-            await run_job(slow, stats)
+            await run_job(slow, stats, preflight=False)
         assert sim.state.total_requests == TOTAL
     assert (stats.requests_sent, stats.cached) == (0, TOTAL)
     assert "from cache" in stats.summary()
@@ -365,12 +365,12 @@ async def test_a_repeated_run_is_answered_from_the_cache(tmp_path: Path) -> None
 async def test_the_default_cache_lives_in_the_output_directory(tmp_path: Path) -> None:
     async with running_simulator() as sim:
         config = config_for(sim.base_url, tmp_path)
-        await run_job(config, Stats())
+        await run_job(config, Stats(), preflight=False)
         (tmp_path / "progress.jsonl").unlink()  # forget the units, keep the cache
         for gen in tmp_path.glob("*/gen.jsonl"):
             gen.unlink()
         stats = Stats()
-        await run_job(config, stats)
+        await run_job(config, stats, preflight=False)
         assert sim.state.total_requests == TOTAL
     assert stored_count(tmp_path / "cache.sqlite") == TOTAL
     assert (stats.requests_sent, stats.cached) == (0, TOTAL)
@@ -380,10 +380,14 @@ async def test_the_default_cache_lives_in_the_output_directory(tmp_path: Path) -
 async def test_without_the_cache_every_request_is_sent_again(tmp_path: Path) -> None:
     shared = tmp_path / "shared.sqlite"
     async with running_simulator() as sim:
-        await run_job(config_for(sim.base_url, tmp_path / "a", f'output.cache="{shared}"'), Stats())
+        await run_job(
+            config_for(sim.base_url, tmp_path / "a", f'output.cache="{shared}"'),
+            Stats(),
+            preflight=False,
+        )
         stats = Stats()
         config = config_for(sim.base_url, tmp_path / "b", f'output.cache="{shared}"')
-        await run_job(config, stats, cache=False)
+        await run_job(config, stats, cache=False, preflight=False)
         assert sim.state.total_requests == 2 * TOTAL
     assert (stats.requests_sent, stats.cached) == (TOTAL, 0)
     assert_complete_output(tmp_path / "b")
@@ -392,7 +396,11 @@ async def test_without_the_cache_every_request_is_sent_again(tmp_path: Path) -> 
 async def test_cli_no_cache_flag(tmp_path: Path) -> None:
     shared = tmp_path / "shared.sqlite"
     async with running_simulator() as sim:
-        await run_job(config_for(sim.base_url, tmp_path / "a", f'output.cache="{shared}"'), Stats())
+        await run_job(
+            config_for(sim.base_url, tmp_path / "a", f'output.cache="{shared}"'),
+            Stats(),
+            preflight=False,
+        )
         before = shared.stat().st_mtime_ns, stored_count(shared)
         env = {
             **os.environ,
@@ -402,6 +410,7 @@ async def test_cli_no_cache_flag(tmp_path: Path) -> None:
         sets = [*SMALL, f'output.dir="{tmp_path / "b"}"', f'output.cache="{shared}"']
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine", "run", "config/default.toml", "--no-cache",
+            "--no-preflight",
             *(a for s in sets for a in ("--set", s)),
             cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip

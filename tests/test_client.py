@@ -11,14 +11,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from engine.client import HTTPTeacher
+from engine.client import HTTPTeacher, redirected
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import (
     AuthError,
     MalformedResponse,
+    Redirected,
     RequestRejected,
     RetriesExhausted,
     TeacherConnectionError,
@@ -702,3 +704,77 @@ async def test_key_never_appears_in_exhausted_errors(
         await client.complete(REQUEST)
 
     assert_no_key(info.value)
+
+
+# --- redirects are never followed -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "target", "suggestion"),
+    [
+        # http -> https, the same path: the base URL to use instead.
+        (
+            "https://teacher.test/v1/chat/completions",
+            "https://teacher.test/v1/chat/completions",
+            "https://teacher.test/v1",
+        ),
+        # Relative to the request, to another prefix.
+        (
+            "/api/v1/chat/completions",
+            "http://teacher.test/api/v1/chat/completions",
+            ("http://teacher.test/api/v1"),
+        ),
+        # Somewhere else entirely (a login page): the target, no base to suggest.
+        ("https://sso.test/login?next=x", "https://sso.test/login?next=x", ""),
+        ("", "", ""),
+    ],
+)
+def test_a_redirect_names_its_target_and_the_base_url_to_use(
+    location: str, target: str, suggestion: str
+) -> None:
+    headers = {"Location": location} if location else {}
+    err = redirected(BASE, ENDPOINT, 301, headers)
+    assert (err.location, err.suggestion) == (target, suggestion)
+    assert f"the teacher at {ENDPOINT} answered HTTP 301" in str(err)
+    assert "a POST would become a GET" in str(err)
+    if suggestion:
+        assert str(err).endswith(f"set TEACHER_MODEL_BASE_URL to the final URL, {suggestion}")
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirected_post_stops_the_run_and_is_never_resent(
+    status: int, teacher_config: TeacherConfig, retry_config: RetryConfig
+) -> None:
+    """A real server: aiohttp would follow a 301/302 by re-sending the POST as a GET."""
+    seen: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        return web.Response(
+            status=status, headers={"Location": "https://new.test/v1/chat/completions"}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    base = f"http://127.0.0.1:{port}/v1"
+    config = teacher_config.model_copy(update={"base_url": base})
+    stats = Stats()
+    try:
+        async with HTTPTeacher(config, retry_config, RequestLimiter(600, 4), stats) as teacher:
+            with pytest.raises(Redirected) as raised:
+                await teacher.complete(REQUEST)
+            probed = await teacher.probe(base + "/models")
+    finally:
+        await runner.cleanup()
+    assert seen == ["POST /v1/chat/completions", "GET /v1/models"]
+    assert raised.value.status == status
+    assert "set TEACHER_MODEL_BASE_URL to the final URL, https://new.test/v1" in str(raised.value)
+    assert KEY not in str(raised.value)
+    assert probed.status == status and probed.headers["Location"].startswith("https://new.test")
+    assert stats.requests_sent == 1 and stats.preflight_requests == 1
+    assert stats.retries.total() == 0

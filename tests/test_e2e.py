@@ -13,8 +13,9 @@ import pytest
 
 from engine.config import Config, load_config
 from engine.job import run_job
+from engine.preflight import PROBE_PROMPT
 from engine.records import record_fields
-from engine.simulator import SimulatorConfig, running_simulator
+from engine.simulator import RequestLog, RunningSimulator, SimulatorConfig, running_simulator
 from engine.stats import Stats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +63,11 @@ def config_for(base_url: str, out: Path, *extra: str) -> Config:
     return load_config(REPO / "config" / "default.toml", overrides, environ=env, dotenv_path=out)
 
 
+def pipeline_requests(sim: RunningSimulator) -> list[RequestLog]:
+    """The chat requests the server got for the data, without the preflight's probes."""
+    return [log for log in sim.state.requests if log.prompt_head != PROBE_PROMPT]
+
+
 def read_gen(out: Path, gen_type: str) -> list[dict[str, Any]]:
     path = out / gen_type / "gen.jsonl"
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
@@ -103,12 +109,15 @@ async def test_all_four_types_in_every_structured_mode(tmp_path: Path, mode: str
         config = config_for(sim.base_url, tmp_path, f'teacher.structured_output="{mode}"')
         stats = Stats()
         await run_job(config, stats)
-        formats = {log.response_format for log in sim.state.requests}
-        sent = sim.state.total_requests
+        formats = {log.response_format for log in pipeline_requests(sim)}
+        sent = len(pipeline_requests(sim))
+        probes = sim.state.total_requests - sent
     assert_complete_output(tmp_path)
     assert sent == stats.requests_sent == seed_count() * REQUESTS_PER_DOC
     assert formats == ({None} if mode == "text" else {mode})
     assert sum(stats.failures.values()) == 0
+    # The preflight: GET /models, a minimal request, the run's shape, the largest max_tokens.
+    assert (stats.preflight_requests, probes) == (4, 3)
 
 
 async def test_without_n_support_each_summary_is_its_own_request(tmp_path: Path) -> None:
@@ -125,7 +134,7 @@ async def test_judge_and_reasoning(tmp_path: Path) -> None:
         config = config_for(sim.base_url, tmp_path, "generation.judge=true")
         stats = Stats()
         await run_job(config, stats)
-        sent = sim.state.total_requests
+        sent = len(pipeline_requests(sim))
     assert_complete_output(tmp_path)
     assert all(r.get("reasoning") for r in read_gen(tmp_path, "document_based_qa"))
     assert sum(stats.judged_out.values()) == 0

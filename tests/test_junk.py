@@ -105,7 +105,7 @@ def config(gen_type: str) -> Config:
 async def run(gen_type: str, teacher: FakeTeacher) -> tuple[UnitResult, Counter[tuple[str, str]]]:
     tally: Counter[tuple[str, str]] = Counter()
     flows = build_flows(
-        config(gen_type), teacher, lambda stage, check: tally.update([(stage, check)])
+        config(gen_type), teacher, tally=lambda stage, check: tally.update([(stage, check)])
     )
     async with asyncio.timeout(5):
         return await flows[gen_type].run(SEED), tally

@@ -39,7 +39,7 @@ from engine.simulator import RunningSimulator, SimulatorConfig, running_simulato
 from engine.stats import Stats
 from engine.teacher import ChatRequest, Message
 from tests.proxy import ForwardProxy
-from tests.test_e2e import REPO, assert_complete_output, config_for, engine_cli
+from tests.test_e2e import REPO, assert_complete_output, config_for, engine_cli, pipeline_requests
 
 PROXY_VARIABLES = [f"{name}_proxy" for name in ("http", "https", "all", "no")] + [
     f"{name}_PROXY" for name in ("HTTP", "HTTPS", "ALL", "NO")
@@ -263,9 +263,15 @@ async def test_a_run_goes_through_the_proxy_when_only_the_proxy_can_reach_the_te
         stats = Stats()
         await run_job(config, stats)
     assert_complete_output(tmp_path)
-    assert stats.requests_sent == sim.state.total_requests == len(proxy.seen)
-    chat = f"http://{HIDDEN}:{sim.port}/v1/chat/completions"
-    assert {(s.method, s.target) for s in proxy.seen} == {("POST", chat)}
+    # Every request went through the proxy: the run's and the preflight's (GET /models, and
+    # its chat probes, which the simulator counts with the rest).
+    assert len(proxy.seen) == stats.requests_sent + stats.preflight_requests
+    assert len(pipeline_requests(sim)) == stats.requests_sent
+    base = f"http://{HIDDEN}:{sim.port}/v1"
+    assert {(s.method, s.target) for s in proxy.seen} == {
+        ("POST", f"{base}/chat/completions"),
+        ("GET", f"{base}/models"),
+    }
 
 
 async def test_https_goes_through_a_connect_tunnel_the_proxy_cannot_read(
@@ -286,7 +292,7 @@ async def test_https_goes_through_a_connect_tunnel_the_proxy_cannot_read(
         )
         stats = Stats()
         await run_job(config, stats)
-        sent = sim.state.total_requests
+        sent = len(pipeline_requests(sim))
     assert_complete_output(out)
     assert sent == stats.requests_sent
     assert proxy.seen, "the proxy was not used"

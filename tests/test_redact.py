@@ -16,12 +16,13 @@ import pytest
 
 from engine import report
 from engine.config import load_config
+from engine.preflight import PROBE_PROMPT
 from engine.redact import REDACTED, redact
 from engine.report import Outcome
 from engine.simulator import SimulatorConfig, running_simulator
 from engine.stats import Stats
 from tests import faults
-from tests.faults import FaultInjector, Seen
+from tests.faults import FaultInjector, Plan, Seen
 from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, engine_cli
 
 LONG_KEY = "sk-proj-Q7v2Lx9KmP4sT8wZ1aB6cD3eF5gH0jN2rU4yV6xW8zA"
@@ -110,21 +111,37 @@ async def test_a_run_with_an_odd_key_finishes_and_reports(tmp_path: Path, key: s
 
 
 def echoes_the_key(seen: Seen) -> faults.Outcome:
-    """A gateway that quotes the request's credentials in its error bodies."""
-    if seen.index % 5 == 0:
+    """A gateway that quotes the request's credentials in its error bodies (of the data
+    requests: the preflight's probes get real answers)."""
+    if PROBE_PROMPT not in seen.prompt and seen.index % 5 == 0:
         return faults.error(400, f"bad request (Authorization: Bearer {LONG_KEY})")
     return None
 
 
-async def test_a_real_key_is_nowhere_in_the_output_or_the_logs(tmp_path: Path) -> None:
-    sim = SimulatorConfig(api_key=LONG_KEY, fault=FaultInjector(echoes_the_key))
+def echoes_the_key_always(seen: Seen) -> faults.Outcome:
+    """The same gateway quoting the credentials to every request, the preflight's too."""
+    return faults.error(400, f"bad request (Authorization: Bearer {LONG_KEY})")
+
+
+@pytest.mark.parametrize(
+    ("plan", "exit_code", "where"),
+    [
+        # The echoed 400s lose some items: the key would be in failures.jsonl.
+        (echoes_the_key, 3, "failures.jsonl"),
+        # The preflight stops the run: the key would be in its message and the report.
+        (echoes_the_key_always, 1, "run_report.json"),
+    ],
+)
+async def test_a_real_key_is_nowhere_in_the_output_or_the_logs(
+    tmp_path: Path, plan: Plan, exit_code: int, where: str
+) -> None:
+    sim = SimulatorConfig(api_key=LONG_KEY, fault=FaultInjector(plan))
     code, output, out = await run_with_key(tmp_path, LONG_KEY, f"{LONG_KEY}\n", sim)
-    assert code == 3, output  # the echoed 400s lost some items
+    assert code == exit_code, output
     assert "Traceback" not in output
-    failures = (out / "failures.jsonl").read_bytes()
-    assert b"bad request (Authorization: Bearer [redacted])" in failures
+    assert b"bad request (Authorization: Bearer [redacted])" in (out / where).read_bytes()
     assert LONG_KEY not in output
     files = [path for path in out.rglob("*") if path.is_file()]
-    assert {p.name for p in files} >= {"run_report.json", "failures.jsonl", "cache.sqlite"}
+    assert {p.name for p in files} >= {"run_report.json", where, "cache.sqlite"}
     for path in files:
         assert LONG_KEY.encode() not in path.read_bytes(), path

@@ -43,6 +43,7 @@ from tests.test_e2e import (
     N,
     Q,
     config_for,
+    pipeline_requests,
 )
 from tests.test_faults import RETRY
 from tests.test_shutdown import finish, progress_lines, start_run, wait_for
@@ -171,7 +172,7 @@ async def test_report_figures_of_a_scripted_run(tmp_path: Path) -> None:
     async with running_simulator(SimulatorConfig(fault=injector)) as sim:
         config = config_for(sim.base_url, out, *RETRY, f'input.seeds="{seeds}"')
         stats = Stats()
-        await run_job(config, stats)
+        await run_job(config, stats, preflight=False)  # faults by arrival order: no probes
         received = sim.state.total_requests
     outcome = Outcome(3, "failed_items", "4 items failed")
     stats.started = time.monotonic() - 120  # a two-minute run, for rates that are exact
@@ -243,6 +244,7 @@ async def cli_run(base_url: str, out: Path, seeds: Path) -> tuple[int, str]:
     sets = [*SMALL, *RETRY, f'output.dir="{out}"', f'input.seeds="{seeds}"']
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine", "run", str(REPO / "config" / "default.toml"),
+        "--no-preflight",  # faults by arrival order: no probes among them
         *(a for s in sets for a in ("--set", s)),
         cwd=out.parent, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -270,7 +272,13 @@ async def test_cli_writes_the_report_and_prints_its_summary(tmp_path: Path) -> N
     }
     assert got["requests"]["sent"] == DISTINCT + RETRIED
     assert got["requests"]["retries_by_reason"] == {"500": RETRIED}
-    assert got["options"] == {"fresh": False, "force": False, "cache": True, "retry_failed": False}
+    assert got["options"] == {
+        "fresh": False,
+        "force": False,
+        "cache": True,
+        "retry_failed": False,
+        "preflight": False,
+    }
     assert f"run failed_items (exit 3): {LOST} items failed" in output
     # Per type: replies checked, rejected (and the rate), then the kept records' measures.
     quality_rows = {
@@ -292,7 +300,7 @@ async def test_report_after_sigint(tmp_path: Path) -> None:
         await wait_for(lambda: progress_lines(tmp_path) >= 1, proc)
         proc.send_signal(signal.SIGINT)
         code, output = await finish(proc)
-        received = sim.state.total_requests
+        received = len(pipeline_requests(sim))
     assert code == 130, output
     got = read_report(tmp_path)
     assert got["exit"]["code"] == 130 and got["exit"]["status"] == "interrupted"

@@ -1,16 +1,28 @@
 from __future__ import annotations
 
+import bz2
+import gzip
 import inspect
 import json
+import lzma
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.seeds import TEXT_FIELDS, Reject, SeedRow, doc_id_for, read_seeds
+from engine import seeds
+from engine.seeds import (
+    TEXT_FIELDS,
+    Reject,
+    SeedRow,
+    doc_id_for,
+    read_seeds,
+    seed_file_problem,
+)
 
 LIMIT = 1000
 
@@ -300,3 +312,125 @@ def test_first_row_arrives_before_the_file_ends(tmp_path: Path) -> None:
         release.set()
     assert [r.document for r in rows(list(items))] == ["second"]
     writer.join(timeout=5)
+
+
+# --- compressed files ---------------------------------------------------------------------
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+COMPRESSORS = {"gzip": _gzip, "bzip2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("name", ["seeds.jsonl.gz", "seeds.gz", "seeds.jsonl"])
+@pytest.mark.parametrize("kind", sorted(COMPRESSORS))
+def test_compressed_files_are_read_by_their_first_bytes_whatever_their_name(
+    tmp_path: Path, kind: str, name: str
+) -> None:
+    plain = line(row("alpha")) + b"not json\n" + line(row("beta"))
+    path = tmp_path / name
+    path.write_bytes(COMPRESSORS[kind](plain))
+    items = read_all(path)
+    assert [r.document for r in rows(items)] == ["alpha", "beta"]
+    assert rejects(items) == {2: rejects(read_all(write_lines(tmp_path / "p.jsonl", plain)))[2]}
+    assert seed_file_problem(path, LIMIT) == ""
+
+
+def test_a_damaged_gzip_file_keeps_the_rows_before_the_damage(tmp_path: Path) -> None:
+    whole = gzip.compress(b"".join(line(row(f"document {i}")) for i in range(2000)))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    items = read_all(path)
+    good = rows(items)
+    assert 0 < len(good) < 2000
+    assert [r.document for r in good] == [f"document {i}" for i in range(len(good))]
+    last = items[-1]
+    assert isinstance(last, Reject) and "the compressed file is damaged" in last.reason
+    assert last.line_no == len(good) + 1
+
+
+@pytest.mark.parametrize(
+    ("magic", "expected"),
+    [
+        (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it first (zstd -d)"),
+        (b"\x04\x22\x4d\x18", "lz4-compressed"),
+        (b"PK\x03\x04", "a zip archive"),
+    ],
+)
+def test_compressions_the_engine_cannot_read_are_named(
+    tmp_path: Path, magic: bytes, expected: str
+) -> None:
+    path = write_lines(tmp_path / "seeds.jsonl.zst", magic + b"\x00" * 64)
+    problem = seed_file_problem(path, LIMIT)
+    assert problem.startswith(f"input.seeds: {path} is ") and expected in problem
+
+
+# --- a seed file with no usable row -------------------------------------------------------
+
+
+def test_a_file_with_a_usable_row_has_no_problem(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "s.jsonl", b"junk\n", line(row()))
+    assert seed_file_problem(path, LIMIT) == ""
+    assert seed_file_problem(tmp_path / "missing.jsonl", LIMIT).startswith(
+        "input.seeds: no such file"
+    )
+
+
+def test_the_check_reads_only_up_to_the_first_usable_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def one_row_then_fail(path: Path, limit: int) -> Iterator[SeedRow | Reject]:
+        yield Reject(1, "blank line", "")
+        yield SeedRow(doc_id_for("x"), 2, "x", "o", "d", "", "", "", "")
+        raise AssertionError("read past the first usable row")
+
+    monkeypatch.setattr(seeds, "read_seeds", one_row_then_fail)
+    assert seed_file_problem(write_lines(tmp_path / "s.jsonl", b"\n"), LIMIT) == ""
+
+
+def test_no_usable_row_names_the_count_and_the_first_reasons(tmp_path: Path) -> None:
+    path = write_lines(
+        tmp_path / "s.jsonl",
+        b"junk\n",
+        line({"document": "only this"}),
+        b"\n",
+        line(row("")),
+        b"more junk\n",
+    )
+    problem = seed_file_problem(path, LIMIT)
+    assert problem.startswith(f"input.seeds: no usable row in {path}: 5 rejected (first: ")
+    assert "line 1: invalid JSON" in problem
+    assert "line 2: missing field(s)" in problem
+    assert "line 3: blank line" in problem
+    assert "line 4" not in problem  # the first three reasons only
+
+
+def test_an_empty_file_is_a_problem(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "s.jsonl")
+    assert seed_file_problem(path, LIMIT) == f"input.seeds: {path} has no rows (the file is empty)"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_json_array_is_told_to_be_json_lines(tmp_path: Path, compress: bool) -> None:
+    array = json.dumps([row("a"), row("b")], indent=2).encode()
+    path = tmp_path / "seeds.json"
+    path.write_bytes(gzip.compress(array) if compress else array)
+    problem = seed_file_problem(path, LIMIT)
+    assert "no usable row" in problem
+    assert "one JSON array; the engine reads JSON Lines, one JSON object per line" in problem
+    assert "jq -c '.[]' seeds.json > seed_data.jsonl" in problem
+
+
+def test_a_json_array_on_one_line_is_told_too(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "seeds.json", json.dumps([row("a"), row("b")]).encode())
+    problem = seed_file_problem(path, LIMIT)
+    assert "its only line was rejected (line 1: expected a JSON object, got list)" in problem
+    assert "JSON Lines" in problem
+
+
+def test_a_pretty_printed_object_is_told_to_be_on_one_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "seeds.jsonl", json.dumps(row("a"), indent=2).encode())
+    problem = seed_file_problem(path, LIMIT)
+    assert "one JSON object on one line" in problem and "jq -c . seeds.jsonl" in problem

@@ -16,11 +16,13 @@ from tests.test_e2e import REPO, SMALL, assert_complete_output, seed_count
 TYPES = 4
 
 
-async def start_run(base_url: str, out: Path, *extra: str) -> asyncio.subprocess.Process:
+async def start_run(
+    base_url: str, out: Path, *extra: str, flags: tuple[str, ...] = ()
+) -> asyncio.subprocess.Process:
     env = {**os.environ, "TEACHER_MODEL_BASE_URL": base_url, "TEACHER_MODEL_NAME": "sim-teacher"}
     sets = [a for s in [*SMALL, f'output.dir="{out}"', *extra] for a in ("--set", s)]
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine", "run", "config/default.toml", *sets,
+        sys.executable, "-m", "engine", "run", "config/default.toml", *flags, *sets,
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
 
@@ -75,7 +77,8 @@ async def test_sigint_lets_units_in_flight_finish_then_exits_130(tmp_path: Path)
 
 async def test_a_second_sigterm_stops_at_once_and_exits_143(tmp_path: Path) -> None:
     async with running_simulator(SimulatorConfig(latency_mean_s=2.0)) as sim:
-        proc = await start_run(sim.base_url, tmp_path, "run.grace_s=60")
+        # The pipeline's second signal: no preflight, whose first signal stops at once.
+        proc = await start_run(sim.base_url, tmp_path, "run.grace_s=60", flags=("--no-preflight",))
         await wait_for(lambda: sim.state.total_requests >= 1, proc)
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.2)
@@ -86,5 +89,18 @@ async def test_a_second_sigterm_stops_at_once_and_exits_143(tmp_path: Path) -> N
     assert code == 143, text
     assert stopped_after < 1.5, stopped_after  # not the 60 s grace, not the 2 s replies
     assert "again: stopping now" in text and "Traceback" not in text
+    assert progress_lines(tmp_path) == 0
+    await resume_to_completion(tmp_path)
+
+
+async def test_a_signal_during_the_preflight_stops_at_once_and_exits_143(tmp_path: Path) -> None:
+    async with running_simulator(SimulatorConfig(latency_mean_s=2.0)) as sim:
+        proc = await start_run(sim.base_url, tmp_path, "run.grace_s=60")
+        await wait_for(lambda: sim.state.total_requests >= 1, proc)  # a probe, unanswered
+        proc.send_signal(signal.SIGTERM)
+        code, text = await finish(proc)
+        assert sim.state.total_requests == 1  # nothing after the signal
+    assert code == 143, text
+    assert "run interrupted (exit 143)" in text and "Traceback" not in text
     assert progress_lines(tmp_path) == 0
     await resume_to_completion(tmp_path)

@@ -153,14 +153,7 @@ async def test_retrying_a_unit_adds_only_missing_records_and_replaces_its_failur
 
     # Rerun doc a: its two records come again (same ids) plus the one that failed before.
     retried = unit("doc a", "extractive_summary", 3)
-    stats = Stats()
-    writer = OutputWriter(
-        tmp_path, TYPES, checkpoint, stats, retrying={(first.seed.doc_id, first.gen_type)}
-    )
-    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
-    for item in (retried, None):
-        queue.put_nowait(item)
-    await writer.run(queue)
+    stats = await rerun(tmp_path, [retried], UnitSet([(first.seed.doc_id, first.gen_type)]))
 
     ids = [r["id"] for r in lines(tmp_path / "extractive_summary/gen.jsonl")]
     assert len(ids) == len(set(ids)) == 4
@@ -170,6 +163,73 @@ async def test_retrying_a_unit_adds_only_missing_records_and_replaces_its_failur
     resumed = load_checkpoint(tmp_path)
     assert set(resumed.failed) == {(other.seed.doc_id, "extractive_summary")}
     assert (tmp_path / "failures.jsonl").stat().st_size == resumed.lengths["failures.jsonl"]
+    assert stats.lost_before == {"invalid_reply: no_json": 1}
+    assert stats.recovered == 1
+    assert stats.still_lost == {"invalid_reply: no_json": 1}  # doc b's
+
+
+async def rerun(out: Path, items: list[WriterItem], retrying: UnitSet) -> Stats:
+    stats = Stats()
+    writer = OutputWriter(out, TYPES, load_checkpoint(out), stats, retrying=retrying)
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    for item in [*items, None]:
+        queue.put_nowait(item)
+    await writer.run(queue)
+    return stats
+
+
+async def test_units_run_again_keep_their_failure_lines_until_they_are_redone(
+    tmp_path: Path,
+) -> None:
+    """A re-run that stops before a unit it was to redo leaves that unit's lines in place."""
+    a = unit("doc a", "extractive_summary", 1, failures=2)
+    b = unit("doc b", "document_based_qa", 1, failures=1)
+    await write_all(tmp_path, [a, b])
+    both = UnitSet([(a.seed.doc_id, a.gen_type), (b.seed.doc_id, b.gen_type)])
+    # Only doc a is redone, and it loses one of the two items again.
+    stats = await rerun(tmp_path, [unit("doc a", "extractive_summary", 2, failures=1)], both)
+    failures = lines(tmp_path / "failures.jsonl")
+    assert sorted((f["doc_id"], f["gen_type"]) for f in failures) == sorted(
+        [(a.seed.doc_id, a.gen_type), (b.seed.doc_id, b.gen_type)]
+    )
+    assert stats.lost_before == {"invalid_reply: no_json": 3}
+    assert stats.recovered == 1
+    assert stats.still_lost == {"invalid_reply: no_json": 2}
+    assert load_checkpoint(tmp_path).lengths["failures.jsonl"] == sum(
+        len(line) + 1 for line in (tmp_path / "failures.jsonl").read_bytes().splitlines()
+    )
+
+
+async def test_a_cancelled_rerun_still_drops_the_lines_of_the_units_it_redid(
+    tmp_path: Path,
+) -> None:
+    a = unit("doc a", "extractive_summary", 1, failures=1)
+    await write_all(tmp_path, [a])
+    stats = Stats()
+    retrying = UnitSet([(a.seed.doc_id, a.gen_type)])
+    writer = OutputWriter(tmp_path, TYPES, load_checkpoint(tmp_path), stats, retrying=retrying)
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    task = asyncio.create_task(writer.run(queue))
+    await asyncio.sleep(0)
+    queue.put_nowait(unit("doc a", "extractive_summary", 2))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lines(tmp_path / "failures.jsonl") == []
+    assert stats.recovered == 1 and not stats.still_lost
+
+
+async def test_lines_of_units_since_done_in_full_are_dropped(tmp_path: Path) -> None:
+    """A crash between a unit's redo and the rewrite at the end leaves its old lines behind:
+    the next run drops them, since the unit's last progress says it lost nothing."""
+    a = unit("doc a", "extractive_summary", 1, failures=1)
+    await write_all(tmp_path, [a])
+    stale = (tmp_path / "failures.jsonl").read_bytes()
+    await write_all(tmp_path, [unit("doc a", "extractive_summary", 2)])  # not as a redo
+    assert (tmp_path / "failures.jsonl").read_bytes() == stale
+    stats = await write_all(tmp_path, [])
+    assert (tmp_path / "failures.jsonl").read_bytes() == b""
+    assert not stats.lost_before and not stats.still_lost
 
 
 def test_unit_set_holds_engine_ids_compactly_and_other_ids_as_they_are() -> None:

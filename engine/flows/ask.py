@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from engine import quality, structured
+from engine.breaker import Breaker
 from engine.config import QualityConfig
 from engine.errors import InvalidReply, ItemError
 from engine.reasoning import Answered, answer_of
@@ -104,6 +105,8 @@ class Asker:
     # None or disabled: the schema alone.
     quality: QualityConfig | None = None
     tally: Tally | None = None
+    # Told of every reply that yields a valid sample (the units tell it of losses).
+    breaker: Breaker | None = None
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
         """The request for ``ask``: ``note`` and the schema instructions appended to the last
@@ -171,6 +174,10 @@ class Asker:
         while True:
             note = _note(missing[0], total, problem, bad_rounds)
             request = self.request(ask, len(missing), note)
+            if self.breaker is not None and self.breaker.tripped is not None:
+                # The run is stopping (the unit that tripped it raises): send nothing more,
+                # record nothing, wait for the cancellation that is on its way.
+                await asyncio.Event().wait()
             try:
                 reply = await self.teacher.complete(request)
             except ItemError as err:
@@ -223,6 +230,7 @@ class Asker:
             problem = InvalidReply("the reply had no choices", check="no_choices")
             self._count(ask.stage, problem.check)
         model = reply.model or self.teacher.model
+        won = False
         for choice in reply.choices[: len(missing)]:
             try:
                 got = _parse(ask, choice, check, model)
@@ -232,6 +240,9 @@ class Asker:
                 problem = err
                 continue
             self._count(ask.stage, "")
+            if not won and self.breaker is not None:
+                self.breaker.won(ask.stage)
+            won = True
             on_item(missing.pop(0), Parsed(got.value, choice, model, got.reasoning))
         return problem
 

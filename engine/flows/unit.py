@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from engine import prompts, quality
-from engine.errors import FatalRunError, ItemError
+from engine.errors import FatalRunError, ItemError, SystematicFailure
 from engine.flows.ask import Ask, Asker, Parsed
 from engine.flows.base import Failure, StagePlan, UnitResult
 from engine.records import make_record
@@ -169,7 +169,12 @@ class Unit:
         return got
 
     def fail(self, stage: str, item: str, err: ItemError) -> None:
+        """Record ``item`` of ``stage`` as lost. Raises ``SystematicFailure`` when this loss
+        trips the breaker: the unit is abandoned, and so is the run."""
         log.info("%s %s %s lost: %s", self.seed.doc_id, stage, item, err)
+        breaker = self.asker.breaker
+        if breaker is not None and (trip := breaker.lost(stage, self.seed.doc_id, err)):
+            raise SystematicFailure(breaker.describe(trip))
         self._failures.append(Failure.from_error(stage, item, err))
 
     def add(self, pair: Pair) -> None:
