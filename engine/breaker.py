@@ -9,19 +9,24 @@ lose and win, by stage, and trips when either
 - ``documents`` different documents lost items of a stage with one *signature* (stage, kind,
   and the HTTP status or the reply check that failed) before any item of that stage was won;
 - or, of the last ``window`` items of a stage (won or lost), at least ``share`` were lost with
-  one signature, from at least ``documents`` different documents.
+  one signature, from at least ``documents`` different documents;
+- or, of the last ``window`` reply choices of a stage, at least ``reject_share`` were rejected
+  by the reply checks (schema or content, ``engine.quality``), from at least ``documents``
+  different documents: a teacher whose replies are mostly junk. Each item is asked again
+  within its budget, so few items may be lost yet; the run would still pay several requests
+  for each record, for records of a teacher that mostly writes junk.
 
 Counting documents, not items, is what keeps one bad chunk (over the context, say) from
 stopping a healthy run: it fails every item of its own units and nothing else.
 
-Pure state, no I/O and no clock: the flows report outcomes (``won``, ``lost``) and stop the
-run on the ``Trip`` that ``lost`` returns.
+Pure state, no I/O and no clock: the flows report outcomes (``won``, ``lost``, ``replied``)
+and stop the run on the ``Trip`` that ``lost`` or ``replied`` returns.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,10 +71,18 @@ class Trip:
     window: int  # 0: no item of the stage was won; else the items looked at
     message: str  # the last such error, as the engine worded it
     body: str  # an excerpt of the server's answer (or of the reply)
+    # For a trip on rejected replies: the rejections in the window by check, most first.
+    rejected: tuple[tuple[str, int], ...] = ()
 
     @property
     def reason(self) -> str:
         sig = self.signature
+        if self.rejected:
+            checks = ", ".join(f"{check} {n}" for check, n in self.rejected)
+            return (
+                f"{self.lost} of the last {self.window} {sig.stage} replies were rejected by "
+                f"the reply checks ({checks}), from {self.documents} different documents"
+            )
         if self.window == 0:
             return (
                 f"{self.documents} different documents lost {sig.stage} items the same way "
@@ -116,21 +129,32 @@ class Breaker:
     """Trips when one stage keeps losing items the same way (see the module docstring)."""
 
     def __init__(
-        self, *, documents: int, window: int, share: float, fixes: Fixes = _no_fix
+        self,
+        *,
+        documents: int,
+        window: int,
+        share: float,
+        reject_share: float = 1.0,
+        fixes: Fixes = _no_fix,
     ) -> None:
         """``fixes`` suggests what to change for a trip (``engine.causes.likely_fix``)."""
-        if documents < 0 or window < 1 or not 0 < share <= 1:
-            raise ValueError("need documents >= 0, window >= 1 and 0 < share <= 1")
+        if documents < 0 or window < 1 or not 0 < share <= 1 or not 0 < reject_share <= 1:
+            raise ValueError(
+                "need documents >= 0, window >= 1, 0 < share <= 1 and 0 < reject_share <= 1"
+            )
         self.fixes = fixes
         self.documents = documents
         self.window = window
         self.share = share
+        self.reject_share = reject_share
         self.tripped: Trip | None = None
         self._won: set[str] = set()  # stages with at least one item won
         # Before a stage's first win: documents that lost items, by signature.
         self._early: dict[Signature, set[str]] = {}
         # Per stage, the last ``window`` items: None for a win, else (signature, document).
         self._recent: dict[str, deque[tuple[Signature, str] | None]] = {}
+        # Per stage, the last ``window`` reply choices: (document, check), check "" if accepted.
+        self._replies: dict[str, deque[tuple[str, str]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +182,31 @@ class Breaker:
         recent.append((signature, document))
         trip = self._before_any_win(signature, document, err) or self._by_share(
             signature, recent, err
+        )
+        self.tripped = trip
+        return trip
+
+    def replied(self, stage: str, document: str, check: str, body: str = "") -> Trip | None:
+        """A reply choice of ``stage`` for ``document`` was accepted (``check`` "") or rejected
+        by the check ``check``, with ``body`` an excerpt of it. Returns the ``Trip`` when the
+        stage's rejections reach ``reject_share`` of its last ``window`` replies (once)."""
+        if not self.enabled or self.tripped is not None:
+            return None
+        replies = self._replies.get(stage)
+        if replies is None:
+            replies = self._replies[stage] = deque(maxlen=self.window)
+        replies.append((document, check))
+        if not check or len(replies) < self.window:
+            return None
+        rejected = [(doc, code) for doc, code in replies if code]
+        documents = len({doc for doc, _ in rejected})
+        if len(rejected) < self.reject_share * self.window or documents < self.documents:
+            return None
+        by_check = Counter(code for _, code in rejected).most_common()
+        signature = Signature(stage, "invalid_reply", check=by_check[0][0])
+        message = f"the last rejected reply failed the {check!r} check"
+        trip = Trip(
+            signature, documents, len(rejected), self.window, message, body, tuple(by_check)
         )
         self.tripped = trip
         return trip

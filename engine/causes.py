@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.breaker import Signature
 from engine.flows import StageSettings
+from engine.quality import CODES as CONTENT_CHECKS
 
 PROBE_HINT = "`python -m engine validate --probe CONFIG` checks the teacher"
 
@@ -205,6 +206,13 @@ def _by_check(signature: Signature, said: str, run: RunSettings) -> str:
     }
     if signature.check in fixes:
         return fixes[signature.check]
+    if signature.check in CONTENT_CHECKS:
+        return (
+            "the teacher's replies are junk by the quality gates (a weak or base model, or a "
+            "chat format that does not fit it): use a capable instruction-tuned teacher; the "
+            "[quality] keys set the gates' thresholds (README: Quality gates), and "
+            "retry.breaker_reject_share how much junk stops a run"
+        )
     if signature.check:
         return f"the replies keep failing the {signature.check!r} check: see failures.jsonl"
     return ""

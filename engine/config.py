@@ -202,6 +202,11 @@ class RetryConfig(_Section):
     breaker_share: float = Field(0.8, gt=0, le=1)
     """Stop the run when this share of a stage's last breaker_window items were lost the
     same way, from at least breaker_documents different documents."""
+    breaker_reject_share: float = Field(0.5, gt=0, le=1)
+    """Stop the run when this share of a stage's last breaker_window reply choices were
+    rejected by the reply checks (schema or quality gates), from at least breaker_documents
+    different documents: ten times a capable teacher's usual rate, a teacher that mostly
+    writes junk."""
 
 
 class RunConfig(_Section):

@@ -64,6 +64,7 @@ def make_breaker(config: Config) -> Breaker:
         documents=retry.breaker_documents,
         window=retry.breaker_window,
         share=retry.breaker_share,
+        reject_share=retry.breaker_reject_share,
         fixes=lambda signature, said: likely_fix(signature, said, run),
     )
 

@@ -210,3 +210,70 @@ def test_bad_settings_are_refused() -> None:
     for documents, window, share in ((-1, 10, 0.5), (3, 0, 0.5), (3, 10, 0.0), (3, 10, 1.5)):
         with pytest.raises(ValueError):
             Breaker(documents=documents, window=window, share=share)
+    for reject_share in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            Breaker(documents=3, window=10, share=0.8, reject_share=reject_share)
+
+
+Reply = tuple[str, str]  # (document, check): check "" for an accepted reply
+
+
+def replies(events: list[Reply], *, documents: int = 3) -> tuple[int | None, Trip | None]:
+    """Feed reply choices of stage A (window 10, half rejected trips); where it tripped."""
+    breaker = Breaker(documents=documents, window=10, share=0.8, reject_share=0.5)
+    for index, (doc, check) in enumerate(events):
+        if trip := breaker.replied(A, doc, check, body=f"reply {index}"):
+            return index, trip
+    return None, None
+
+
+GOOD = [("d0", "")]
+REPLY_CASES: dict[str, tuple[list[Reply], int | None]] = {
+    "half the window rejected, from three documents": (
+        GOOD * 5
+        + [("d1", "field_name"), ("d2", "length"), ("d3", "field_name")]
+        + GOOD
+        + [("d1", "length"), ("d2", "field_name")],
+        10,
+    ),
+    "not before the window is full": ([(f"d{i}", "no_letters") for i in range(9)], None),
+    "a full window of junk trips on its tenth reply": (
+        [(f"d{i % 4}", "no_letters") for i in range(12)],
+        9,
+    ),
+    "four of ten is under half": (
+        GOOD * 6 + [("d1", "length"), ("d2", "length"), ("d3", "length"), ("d1", "length")],
+        None,
+    ),
+    "rejections from two documents are not enough": (
+        GOOD * 5 + [(f"d{i % 2}", "blank") for i in range(5)] * 3,
+        None,
+    ),
+    "an accepted reply never trips": (
+        [(f"d{i % 4}", "length") for i in range(9)] + GOOD * 5,
+        None,
+    ),
+    "a healthy stage's few rejections never trip": (
+        ([("d1", "duplicate")] + GOOD * 9) * 20,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLY_CASES))
+def test_rejected_replies_table(name: str) -> None:
+    events, expected = REPLY_CASES[name]
+    assert replies(events)[0] == expected  # fmt: skip
+
+
+def test_a_rejected_replies_trip_names_the_checks_most_first() -> None:
+    events = [("d1", "field_name"), ("d2", "length"), ("d3", "field_name")] * 2 + GOOD * 4
+    _index, trip = replies(GOOD * 4 + events[:6])
+    assert trip is not None
+    assert trip.signature == Signature(A, "invalid_reply", check="field_name")
+    assert trip.reason == (
+        "6 of the last 10 t/summary replies were rejected by the reply checks "
+        "(field_name 4, length 2), from 3 different documents"
+    )
+    assert trip.body == "reply 9"
+    assert replies(GOOD * 4 + events[:6], documents=0) == (None, None)  # 0: off

@@ -323,3 +323,35 @@ async def test_a_run_that_breaks_halfway_stops_on_the_share_and_a_rerun_complete
         code, output = await run_cli(sim.base_url, out, seeds, "--no-preflight", sets=sets)
     assert code == cli.EXIT_OK, output
     assert_complete(out)
+
+
+# --- a teacher whose replies are mostly junk --------------------------------------------
+
+
+def junk_answers(seen: Seen) -> faults.Outcome:
+    """Every answer's first two tries are the schema's field name (the quality gates reject
+    it); the third try is answered properly, so no item is ever lost."""
+    if seen.prompt.startswith("Answer the question") and "(Try 3" not in seen.prompt:
+        return faults.completion('{"answer": "Answer"}')
+    return None
+
+
+async def test_mostly_junk_replies_stop_the_run_though_no_item_is_lost(tmp_path: Path) -> None:
+    """Two of every three answer replies are junk: each item is won on its third try, so
+    nothing is lost, but the stage's rejection rate is far above normal and stops the run."""
+    seeds, out = corpus(tmp_path / "seeds.jsonl"), tmp_path / "out"
+    junk = FaultInjector(junk_answers)
+    async with running_simulator(SimulatorConfig(fault=junk)) as sim:
+        code, output = await run_cli(sim.base_url, out, seeds, "--no-preflight")
+        sent = sim.state.total_requests
+        assert code == cli.EXIT_FATAL, output
+        assert "replies were rejected by the reply checks (field_name " in output
+        assert "Likely fix: the teacher's replies are junk by the quality gates" in output
+        # A window of 50 answer replies (the default) and the requests in flight, far short
+        # of the corpus (DOCS x 29 requests, and twice as many again for the junk).
+        assert sent < DOCS * 29 / 2, sent
+        assert not (out / "failures.jsonl").exists() or (out / "failures.jsonl").read_bytes() == b""
+        junk.plan = lambda seen: None  # the teacher is fixed
+        code, output = await run_cli(sim.base_url, out, seeds, "--no-preflight")
+    assert code == cli.EXIT_OK, output
+    assert_complete(out)

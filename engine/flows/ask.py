@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from engine import quality, structured
 from engine.breaker import Breaker
 from engine.config import QualityConfig
-from engine.errors import InvalidReply, ItemError
+from engine.errors import InvalidReply, ItemError, SystematicFailure
 from engine.reasoning import Answered, answer_of
 from engine.structured import Mode
 from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
@@ -105,8 +105,11 @@ class Asker:
     # None or disabled: the schema alone.
     quality: QualityConfig | None = None
     tally: Tally | None = None
-    # Told of every reply that yields a valid sample (the units tell it of losses).
+    # Told of every reply choice, accepted or rejected, and of every reply that yields a
+    # valid sample (the units tell it of losses).
     breaker: Breaker | None = None
+    # The document (id) of the unit asking, for the breaker: ``FlowContext.unit`` sets it.
+    document: str = ""
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
         """The request for ``ask``: ``note`` and the schema instructions appended to the last
@@ -228,7 +231,7 @@ class Asker:
         problem = None
         if not reply.choices:
             problem = InvalidReply("the reply had no choices", check="no_choices")
-            self._count(ask.stage, problem.check)
+            self._count(ask.stage, problem)
         model = reply.model or self.teacher.model
         won = False
         for choice in reply.choices[: len(missing)]:
@@ -236,19 +239,26 @@ class Asker:
                 got = _parse(ask, choice, check, model)
             except InvalidReply as err:
                 log.debug("%s: invalid reply: %s", ask.stage, err)
-                self._count(ask.stage, err.check)
+                self._count(ask.stage, err)
                 problem = err
                 continue
-            self._count(ask.stage, "")
+            self._count(ask.stage, None)
             if not won and self.breaker is not None:
                 self.breaker.won(ask.stage)
             won = True
             on_item(missing.pop(0), Parsed(got.value, choice, model, got.reasoning))
         return problem
 
-    def _count(self, stage: str, check: str) -> None:
+    def _count(self, stage: str, rejected: InvalidReply | None) -> None:
+        """Count one reply choice of ``stage``, accepted (None) or ``rejected``. Raises
+        ``SystematicFailure`` when the stage's rejections trip the breaker."""
+        check = "" if rejected is None else rejected.check
         if self.tally is not None:
             self.tally(stage, check)
+        if self.breaker is not None:
+            body = "" if rejected is None else rejected.body
+            if trip := self.breaker.replied(stage, self.document, check, body):
+                raise SystematicFailure(self.breaker.describe(trip))
 
 
 def _items(rejected: _Rejected | None) -> int:

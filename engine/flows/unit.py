@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -57,7 +57,8 @@ class FlowContext:
     judge: Judge | None = None
 
     def unit(self, seed: SeedRow, gen_type: str) -> Unit:
-        return Unit(seed, gen_type, self.asker, self.judge)
+        """A unit of ``gen_type`` for ``seed``, asking through an asker that names it."""
+        return Unit(seed, gen_type, replace(self.asker, document=seed.doc_id), self.judge)
 
     def judge_plan(
         self, gen_type: str, pairs: int, pair: tuple[str, str, str], assumes: str
