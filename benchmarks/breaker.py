@@ -30,9 +30,9 @@ from aiohttp import web
 
 from benchmarks.common import NO_RPM_CAP, build_config, machine, verdict, write_seeds
 from engine.errors import FatalRunError
-from engine.job import run_job
-from engine.simulator import FaultHook, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import FaultHook, SimulatorConfig, running_simulator
 
 CONCURRENCY = 32
 PACED_TARGET = 35

@@ -20,9 +20,9 @@ from pathlib import Path
 import orjson
 
 from engine.config import Config, load_config
-from engine.job import run_job
-from engine.simulator import RequestLog, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import RequestLog, SimulatorConfig, running_simulator
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = REPO / "config" / "default.toml"
@@ -83,9 +83,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def simulator_process(*args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``python -m engine.simulator`` on a free port; yields its base URL and process."""
+    """``python -m engine.testing.simulator`` on a free port; yields its base URL and process."""
     port = free_port()
-    cmd = [sys.executable, "-m", "engine.simulator", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "engine.testing.simulator", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15

@@ -1,6 +1,6 @@
 """The demo teacher's records through the quality gates: the share that passes, per model.
 
-Runs the embedded demo run (``engine.embedded.demo_config``: llama.cpp's server, json_object,
+Runs the embedded demo run (``engine.embedded.demo.demo_config``: llama.cpp's server, json_object,
 one request at a time, the demo's fan-out) over the sample seeds with the content checks off,
 so that every record the model makes is written; then judges every record with the gates the
 run would have applied (the same prompts, schemas and unit memory). A record passes when its
@@ -32,22 +32,23 @@ import orjson
 from pydantic import BaseModel
 
 from benchmarks.common import DEFAULT_TOML, SAMPLE_SEEDS, machine
-from engine import embedded, prompts, quality
 from engine.config import Config, load_config
-from engine.embedded_server import running_server
+from engine.embedded import demo as embedded
+from engine.embedded.server import running_server
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Asker
-from engine.flows.unit import grounding
-from engine.job import run_job
-from engine.seeds import SeedRow, read_seeds
-from engine.stats import Stats
-from engine.structured import (
+from engine.flows.structured import (
     Answer,
     Summary,
     key_facts_model,
     qa_pairs_model,
     questions_model,
 )
-from engine.teacher import ChatReply, ChatRequest
+from engine.flows.unit import grounding
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.seeds import SeedRow, read_seeds
+from engine.teacher.protocol import ChatReply, ChatRequest
 
 
 @dataclass(frozen=True)

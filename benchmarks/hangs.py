@@ -25,8 +25,8 @@ import orjson
 from aiohttp import web
 
 from benchmarks.common import machine, timed_run, verdict
-from engine.simulator import FaultHook, SimulatorConfig
-from engine.stats import Stats
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import FaultHook, SimulatorConfig
 
 TARGET = 1.15
 

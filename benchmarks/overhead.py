@@ -29,8 +29,8 @@ from benchmarks.common import (
     verdict,
     write_seeds,
 )
-from engine.job import run_job
-from engine.stats import Stats
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
 
 TARGET = 2000.0
 

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import NO_RPM_CAP, build_config, machine, verdict, write_seeds
-from engine.job import run_job
-from engine.simulator import RequestLog, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import RequestLog, SimulatorConfig, running_simulator
 
 # The opening seconds (bucket filling, first units starting) are not steady state.
 WARMUP_S = 5.0

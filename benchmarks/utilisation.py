@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from benchmarks.common import NO_RPM_CAP, machine, timed_run, verdict
-from engine.simulator import RequestLog, SimulatorConfig
+from engine.testing.simulator import RequestLog, SimulatorConfig
 
 TARGET = 0.95
 

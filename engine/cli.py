@@ -17,15 +17,17 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from engine import __version__, network, report
+from engine import __version__
 from engine.config import Config, TeacherConfig, load_config
-from engine.embedded import check_installed
+from engine.embedded.demo import check_installed
 from engine.errors import ConfigError, FatalRunError
-from engine.job import check_paths, probe_teacher, run_job
+from engine.output import report
+from engine.output.report import Outcome
+from engine.pipeline.job import check_paths, probe_teacher, run_job
+from engine.pipeline.stats import Stats
 from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
-from engine.report import Outcome
 from engine.seeds import Reject, read_seeds
-from engine.stats import Stats
+from engine.teacher import network
 
 log = logging.getLogger("engine")
 

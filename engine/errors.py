@@ -25,7 +25,7 @@ class ConfigError(EngineError):
 
 
 class OutputInUse(ConfigError):
-    """Another run holds the output directory (``engine.lock``): this one must not start."""
+    """Another run holds the output directory (``engine.output.lock``): this one must not start."""
 
     def __init__(self, message: str) -> None:
         self.problems = [message]
@@ -91,12 +91,12 @@ class Redirected(FatalRunError):
 
 
 class SystematicFailure(FatalRunError):
-    """Items keep being lost the same way across documents (``engine.breaker``): every
+    """Items keep being lost the same way across documents (``engine.pipeline.breaker``): every
     further request of the stage would be lost too."""
 
 
 class PreflightFailed(FatalRunError):
-    """The preflight (``engine.preflight``) found the teacher unusable as configured; the
+    """The preflight (``engine.pipeline.preflight``) found the teacher unusable as configured; the
     message says what to change."""
 
 

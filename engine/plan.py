@@ -13,14 +13,14 @@ import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.checkpoint import UnitSet, read_checkpoint
 from engine.config import Config, LimitsConfig
-from engine.embedded import demo_config
+from engine.embedded.demo import demo_config
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.flows.base import StagePlan
+from engine.output.checkpoint import UnitSet, read_checkpoint
 from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
-from engine.teacher import ChatReply, ChatRequest
+from engine.teacher.protocol import ChatReply, ChatRequest
 
 DEFAULT_LATENCY_S = 5.0
 
@@ -108,7 +108,8 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
 
 def stage_prompts(config: Config) -> dict[str, int]:
     """Per stage, the estimated prompt tokens of one request for an empty document: the
-    stage's own instructions, the least any of its requests sends (``engine.preflight``)."""
+    stage's own instructions, the least any of its requests sends
+    (``engine.pipeline.preflight``)."""
     empty = SeedRow("", 0, "", "", "", "", "", "", "")
     prompts: dict[str, int] = {}
     for flow in build_flows(config, _Offline()).values():

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine.seeds import SeedRow, doc_id_for
-from engine.teacher import ChatReply, ChatRequest, Choice
+from engine.teacher.protocol import ChatReply, ChatRequest, Choice
 
 Script = Callable[[ChatRequest], ChatReply | Awaitable[ChatReply | None] | None]
 _SCHEMA_MARKERS = re.compile(r"<schema>\n?(.*?)\n?</schema>", re.DOTALL)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import orjson
 
-from engine.job import run_job
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.test_e2e import REPO, SAMPLE_SEEDS, assert_complete_output, config_for, engine_cli
 
 GOOD = SAMPLE_SEEDS.read_bytes().splitlines()

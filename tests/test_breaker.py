@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from engine.breaker import Breaker, Signature, Trip, describe, server_words
 from engine.errors import (
     InvalidReply,
     ItemError,
@@ -13,6 +12,7 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
+from engine.pipeline.breaker import Breaker, Signature, Trip, describe, server_words
 
 A, B = "t/summary", "t/answer"
 

@@ -12,15 +12,15 @@ import orjson
 import pytest
 from aiohttp import web
 
-from engine.cache import ResponseCache, canonical_body, request_key
-from engine.client import HTTPTeacher
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import RequestRejected, RetriesExhausted
-from engine.job import run_job
-from engine.limits import RequestLimiter
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.teacher import ChatRequest, Message
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.teacher.cache import ResponseCache, canonical_body, request_key
+from engine.teacher.client import HTTPTeacher
+from engine.teacher.limits import RequestLimiter
+from engine.teacher.protocol import ChatRequest, Message
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.test_e2e import (
     EXPECTED_PER_DOC,
     REPO,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.breaker import Signature
-from engine.causes import RunSettings, likely_fix
 from engine.config import load_config
 from engine.flows import stage_settings
+from engine.pipeline.breaker import Signature
+from engine.pipeline.causes import RunSettings, likely_fix
 from tests.test_e2e import REPO
 
 CONFIG = load_config(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import embedded
 from engine.cli import main
-from engine.simulator import running_simulator
+from engine.embedded import demo as embedded
+from engine.testing.simulator import running_simulator
 from tests.test_e2e import REPO, SAMPLE_SEEDS, engine_cli
 
 DEFAULT_TOML = str(REPO / "config" / "default.toml")

@@ -15,7 +15,6 @@ from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from engine.client import HTTPTeacher, redirected
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import (
     AuthError,
@@ -27,10 +26,11 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
-from engine.limits import RequestLimiter
-from engine.retry import backoff
-from engine.stats import Stats
-from engine.teacher import ChatRequest, Message
+from engine.pipeline.stats import Stats
+from engine.teacher.client import HTTPTeacher, redirected
+from engine.teacher.limits import RequestLimiter
+from engine.teacher.protocol import ChatRequest, Message
+from engine.teacher.retry import backoff
 
 KEY = "sk-secret-123"
 BASE = "http://teacher.test/v1"
@@ -593,7 +593,7 @@ async def test_each_retry_logs_a_warning_without_the_key(
     mocked.post(ENDPOINT, status=502, body="bad gateway")
     mocked.post(ENDPOINT, payload=reply())
 
-    with caplog.at_level(logging.WARNING, logger="engine.client"):
+    with caplog.at_level(logging.WARNING, logger="engine.teacher.client"):
         await client.complete(REQUEST)
 
     (record,) = caplog.records

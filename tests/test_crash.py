@@ -25,7 +25,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
+from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests.test_e2e import (
     EXPECTED_PER_DOC,
     REPO,

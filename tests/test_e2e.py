@@ -12,11 +12,16 @@ import orjson
 import pytest
 
 from engine.config import Config, load_config
-from engine.job import run_job
-from engine.preflight import PROBE_PROMPT
-from engine.records import record_fields
-from engine.simulator import RequestLog, RunningSimulator, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.output.records import record_fields
+from engine.pipeline.job import run_job
+from engine.pipeline.preflight import PROBE_PROMPT
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import (
+    RequestLog,
+    RunningSimulator,
+    SimulatorConfig,
+    running_simulator,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SEEDS = REPO / "config" / "sample_seeds.jsonl"

@@ -22,9 +22,10 @@ from typing import Any
 import orjson
 import pytest
 
-from engine import embedded, embedded_server, quality
 from engine.config import Config, load_config
-from engine.embedded import (
+from engine.embedded import demo as embedded
+from engine.embedded import server as embedded_server
+from engine.embedded.demo import (
     MODEL_ALIAS,
     check_installed,
     demo_config,
@@ -32,10 +33,11 @@ from engine.embedded import (
     model_file,
     server_command,
 )
-from engine.embedded_server import ServerProcess, running_server
+from engine.embedded.server import ServerProcess, running_server
 from engine.errors import ConfigError, EmbeddedTeacherError, FatalRunError
-from engine.job import run_job
-from engine.stats import Stats
+from engine.flows import quality
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
 from tests.test_e2e import assert_record_shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +94,7 @@ def test_free_port_is_a_bindable_loopback_port() -> None:
 
 def test_server_command_runs_the_wrapper_with_the_model_alias_and_chatml_format() -> None:
     command = server_command(Path("/models/g.gguf"), 4321, threads=3)
-    assert command[:3] == [sys.executable, "-m", "engine.embedded_server"]
+    assert command[:3] == [sys.executable, "-m", "engine.embedded.server"]
     options = dict(zip(command[3::2], command[4::2], strict=True))
     assert options == {
         "--model": "/models/g.gguf",
@@ -272,7 +274,7 @@ def test_the_server_wrapper_exits_when_the_engine_is_gone() -> None:
     """Even a SIGKILLed engine leaves no server: the wrapper exits when its stdin closes."""
     script = (
         "import threading, time\n"
-        "from engine.embedded_server import _exit_when_parent_gone\n"
+        "from engine.embedded.server import _exit_when_parent_gone\n"
         "threading.Thread(target=_exit_when_parent_gone, daemon=True).start()\n"
         "time.sleep(120)\n"
     )
@@ -372,7 +374,7 @@ async def test_real_embedded_teacher_end_to_end(
     assert stats.preflight_ran and stats.preflight_requests >= 3
     assert stats.adapted == []
     assert "preflight: the teacher answers" in caplog.text
-    assert not [p for p in _children() if "engine.embedded_server" in p]
+    assert not [p for p in _children() if "engine.embedded.server" in p]
 
 
 def _children() -> list[str]:

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.client import HTTPTeacher
-from engine.endpoints import EndpointPool
 from engine.errors import EndpointDown, TeacherConnectionError
-from engine.job import run_job
-from engine.outage import Outcome
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.teacher import ChatReply, ChatRequest, Message
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.teacher.client import HTTPTeacher
+from engine.teacher.endpoints import EndpointPool
+from engine.teacher.health import Outcome
+from engine.teacher.protocol import ChatReply, ChatRequest, Message
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.clock import run_virtual
 from tests.test_e2e import assert_complete_output, config_for
 from tests.test_outage import make_teacher as fake_http_teacher

@@ -24,10 +24,10 @@ from aiohttp import web
 
 from engine import cli
 from engine.errors import AuthError, FatalRunError
-from engine.job import run_job
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
 from engine.seeds import doc_id_for
-from engine.simulator import SimulatorConfig, SimulatorState, running_simulator
-from engine.stats import Stats
+from engine.testing.simulator import SimulatorConfig, SimulatorState, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Outcome, Plan, Seen
 from tests.test_e2e import (

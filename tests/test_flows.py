@@ -11,8 +11,8 @@ from engine.config import Config
 from engine.errors import AuthError, RequestRejected
 from engine.flows import build_flows
 from engine.flows.base import UnitResult
-from engine.structured import Mode
-from engine.teacher import ChatReply, ChatRequest
+from engine.flows.structured import Mode
+from engine.teacher.protocol import ChatReply, ChatRequest
 from tests.fakes import FakeTeacher, last_user_text, make_seed, reply, text_reply
 
 SEED = make_seed()

@@ -18,8 +18,8 @@ import pytest
 from engine.config import Config
 from engine.flows import build_flows
 from engine.flows.base import UnitResult
-from engine.prompts import _ANSWER_RULES
-from engine.teacher import ChatReply, ChatRequest
+from engine.flows.prompts import _ANSWER_RULES
+from engine.teacher.protocol import ChatReply, ChatRequest
 from tests.fakes import FakeTeacher, last_user_text, make_seed, reply
 from tests.faults import Outcome, Seen, completion
 from tests.test_e2e import EXPECTED_PER_DOC, SAMPLE_SEEDS, assert_complete_output, read_gen

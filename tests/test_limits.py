@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.limits import AdaptiveConcurrency, Lease, RequestLimiter
+from engine.teacher.limits import AdaptiveConcurrency, Lease, RequestLimiter
 from tests.clock import run_virtual
 
 

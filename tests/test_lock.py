@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from engine.errors import OutputInUse
-from engine.job import run_job
-from engine.lock import LOCK_FILE, DirectoryLock
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.output.lock import LOCK_FILE, DirectoryLock
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Seen
 from tests.test_e2e import REPO, assert_complete_output, config_for, engine_cli
@@ -30,7 +30,7 @@ SLOW = SimulatorConfig(latency_mean_s=0.05)
 HOLDER = """
 import sys
 from pathlib import Path
-from engine.lock import DirectoryLock
+from engine.output.lock import DirectoryLock
 lock = DirectoryLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 sys.stdin.read()

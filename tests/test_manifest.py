@@ -8,11 +8,11 @@ import pytest
 
 from engine import __version__, cli
 from engine.errors import ConfigError
-from engine.job import run_job
-from engine.manifest import MANIFEST_FILE
-from engine.records import OUTPUT_SCHEMA
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.output.manifest import MANIFEST_FILE
+from engine.output.records import OUTPUT_SCHEMA
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.test_e2e import REPO, assert_complete_output, config_for
 
 

@@ -35,10 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets
 import polars as pl
 
-from engine.job import run_job
-from engine.records import make_record
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.output.records import make_record
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.fakes import make_seed
 from tests.test_e2e import config_for, read_gen
 

@@ -1,6 +1,6 @@
 """Reaching the teacher through proxies and private certificate authorities.
 
-Unit tables for ``engine.network`` (which proxy, which CAs), then runs against real local
+Unit tables for ``engine.teacher.network`` (which proxy, which CAs), then runs against real local
 servers: a forward proxy (``tests.proxy``) that alone can resolve the teacher's host name,
 and the simulator over HTTPS with a certificate from a throwaway CA made by trustme.
 """
@@ -16,7 +16,6 @@ import pytest
 import pytest_asyncio
 import trustme
 
-from engine.client import HTTPTeacher
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import (
     ConfigError,
@@ -24,9 +23,11 @@ from engine.errors import (
     RetriesExhausted,
     TLSVerificationError,
 )
-from engine.job import run_job
-from engine.limits import RequestLimiter
-from engine.network import (
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.teacher.client import HTTPTeacher
+from engine.teacher.limits import RequestLimiter
+from engine.teacher.network import (
     Proxy,
     ca_bundle_problem,
     cert_env_problems,
@@ -35,9 +36,8 @@ from engine.network import (
     tls_context,
     trusted,
 )
-from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.teacher import ChatRequest, Message
+from engine.teacher.protocol import ChatRequest, Message
+from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests.proxy import ForwardProxy
 from tests.test_e2e import REPO, assert_complete_output, config_for, engine_cli, pipeline_requests
 

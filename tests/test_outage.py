@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.client import HTTPTeacher
 from engine.config import RetryConfig, TeacherConfig
 from engine.errors import EndpointDown, RetriesExhausted, TeacherConnectionError
-from engine.job import run_job
-from engine.limits import Lease, RequestLimiter
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.teacher import ChatReply, ChatRequest, Message
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.teacher.client import HTTPTeacher
+from engine.teacher.limits import Lease, RequestLimiter
+from engine.teacher.protocol import ChatReply, ChatRequest, Message
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.clock import run_virtual
 from tests.test_e2e import assert_complete_output, config_for
 

@@ -15,10 +15,11 @@ import orjson
 import pytest
 
 from engine.config import GEN_TYPES, Config, LimitsConfig, load_config
-from engine.embedded import demo_config
+from engine.embedded.demo import demo_config
 from engine.flows import build_flows
 from engine.flows.base import StagePlan, assumed_reply
-from engine.job import run_job
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
 from engine.plan import (
     EMBEDDED_PLACEHOLDER_URL,
     Pace,
@@ -29,9 +30,8 @@ from engine.plan import (
     make_plan,
 )
 from engine.seeds import SeedRow, doc_id_for
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.teacher import ChatReply, ChatRequest, estimate_tokens
+from engine.teacher.protocol import ChatReply, ChatRequest, estimate_tokens
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.fakes import FakeTeacher, make_seed, reply
 from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, config_for, engine_cli
 

@@ -14,14 +14,12 @@ import pytest
 from aiohttp import web
 
 from engine import cli
-from engine.client import ProbeReply
 from engine.config import Config
 from engine.errors import AuthError, PreflightFailed, Redirected
 from engine.flows import StageSettings, stage_settings
-from engine.job import probe_teacher, run_job
-from engine.manifest import MANIFEST_FILE
-from engine.plan import stage_prompts
-from engine.preflight import (
+from engine.output.manifest import MANIFEST_FILE
+from engine.pipeline.job import probe_teacher, run_job
+from engine.pipeline.preflight import (
     PROBE_PROMPT,
     Findings,
     context_length,
@@ -32,8 +30,10 @@ from engine.preflight import (
     url_alternatives,
     verdict,
 )
-from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.pipeline.stats import Stats
+from engine.plan import stage_prompts
+from engine.teacher.client import ProbeReply
+from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Plan, Seen
 from tests.test_e2e import REPO, SAMPLE_SEEDS, config_for, engine_cli, pipeline_requests

@@ -16,12 +16,12 @@ import orjson
 import pytest
 from rich.console import Console
 
-from engine import progress
 from engine.config import Config, LimitsConfig, load_config
-from engine.progress import Progress, RateWindow, Totals, count_units, show_progress
-from engine.progress_view import line, render
+from engine.pipeline.stats import Stats
+from engine.progress import display as progress
+from engine.progress.display import Progress, RateWindow, Totals, count_units, show_progress
+from engine.progress.view import line, render
 from engine.seeds import doc_id_for
-from engine.stats import Stats
 from tests.clock import run_virtual
 from tests.test_e2e import REPO, SAMPLE_SEEDS
 
@@ -190,9 +190,9 @@ def test_plain_lines_come_every_interval_with_the_figures(
             stats.requests_sent += 60
             await asyncio.sleep(61.5)  # t=150.5: past the second line, short of a third
 
-    with caplog.at_level(logging.INFO, logger="engine.progress"):
+    with caplog.at_level(logging.INFO, logger="engine.progress.display"):
         run_virtual(run())
-    lines = [r.getMessage() for r in caplog.records if r.name == "engine.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "engine.progress.display"]
     assert len(lines) == 2, lines
     first, second = lines
     assert "elapsed 0:01:00" in first and "units 15/40" in first
@@ -255,7 +255,7 @@ async def test_live_display_routes_logging_above_itself_and_stops_cleanly() -> N
         assert shown.live
         with pytest.raises(asyncio.CancelledError), shown.shown():
             assert terminal not in root.handlers
-            logging.getLogger("engine.shutdown").warning("SIGINT: taking no new work")
+            logging.getLogger("engine.pipeline.shutdown").warning("SIGINT: taking no new work")
             busy(stats)
             raise asyncio.CancelledError  # as a second signal ends a run
         assert terminal in root.handlers

@@ -10,13 +10,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from engine import prompts, quality
 from engine.config import QualityConfig
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Asker
-from engine.flows.unit import grounding
-from engine.quality import Gate, Grounding, Judged, Rejection, Scaffolding, Seen, Text
-from engine.seeds import SeedRow
-from engine.structured import (
+from engine.flows.quality import Gate, Grounding, Judged, Rejection, Scaffolding, Seen, Text
+from engine.flows.structured import (
     Answer,
     Mode,
     Summary,
@@ -24,6 +22,8 @@ from engine.structured import (
     qa_pairs_model,
     questions_model,
 )
+from engine.flows.unit import grounding
+from engine.seeds import SeedRow
 from tests.fakes import FakeTeacher, make_seed
 from tests.good_replies import CASES, Case
 

@@ -7,15 +7,15 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.checkpoint import FAILURES_FILE
 from engine.errors import InvalidReply
 from engine.flows.ask import Ask, Asker
-from engine.job import run_job
-from engine.reasoning import answer_of, split_inline
-from engine.simulator import DRAFT_MARK, ReasoningLayout, SimulatorConfig, running_simulator
-from engine.stats import Stats
-from engine.structured import Answer
-from engine.teacher import Choice, Message
+from engine.flows.reasoning import answer_of, split_inline
+from engine.flows.structured import Answer
+from engine.output.checkpoint import FAILURES_FILE
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.teacher.protocol import Choice, Message
+from engine.testing.simulator import DRAFT_MARK, ReasoningLayout, SimulatorConfig, running_simulator
 from tests.fakes import FakeTeacher, text_reply
 from tests.test_e2e import assert_complete_output, config_for, read_gen, seed_count
 

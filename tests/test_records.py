@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import GEN_TYPES
-from engine.records import REASONING_FIELD, make_record, record_fields
+from engine.output.records import REASONING_FIELD, make_record, record_fields
 from tests.fakes import make_seed
 
 SEED = make_seed("The chunk.")

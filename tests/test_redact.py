@@ -1,6 +1,6 @@
 """The API key, whatever its value, never reaches a file or a log, and never breaks a run.
 
-Unit tests for ``engine.redact``, then whole runs through the CLI with odd keys: short
+Unit tests for ``engine.config.secrets``, then whole runs through the CLI with odd keys: short
 placeholders that local servers accept (which once rewrote the report's own field names and
 crashed its summary), a key pasted with its newline, and a long real-looking key that a
 gateway echoes back in its error bodies.
@@ -14,13 +14,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine import report
 from engine.config import load_config
-from engine.preflight import PROBE_PROMPT
-from engine.redact import REDACTED, redact
-from engine.report import Outcome
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.config.secrets import REDACTED, redact
+from engine.output import report
+from engine.output.report import Outcome
+from engine.pipeline.preflight import PROBE_PROMPT
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Plan, Seen
 from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, engine_cli

@@ -6,8 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from engine import reference
-from engine.config import GEN_TYPES
+from engine.config import GEN_TYPES, reference
 
 REPO = Path(__file__).resolve().parent.parent
 # Never written into a config file: the key comes from the environment or .env only.
@@ -32,7 +31,7 @@ def test_every_config_key_has_a_description() -> None:
 
 
 def test_the_readme_reference_is_the_generated_one() -> None:
-    # On failure: python -m engine.reference, and paste it between the README's markers.
+    # On failure: python -m engine.config.reference, and paste it between the README's markers.
     assert reference.readme_block(REPO / "README.md") == reference.markdown()
 
 

@@ -23,12 +23,14 @@ from typing import Any
 import orjson
 import pytest
 
-from engine import cli, quality, report
+from engine import cli
 from engine.config import load_config
-from engine.job import run_job
-from engine.report import Outcome
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.flows import quality
+from engine.output import report
+from engine.output.report import Outcome
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Plan, Seen
 from tests.faults import Outcome as Reply

@@ -6,7 +6,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from engine.retry import backoff, classify, retry_after
+from engine.teacher.retry import backoff, classify, retry_after
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -90,7 +90,7 @@ def test_retry_after(headers: dict[str, str], expected: float | None) -> None:
 
 
 def test_retry_after_date_defaults_to_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("engine.retry.time.time", lambda: NOW)
+    monkeypatch.setattr("engine.teacher.retry.time.time", lambda: NOW)
     assert retry_after({"retry-after": http_date(45)}) == pytest.approx(45.0)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import report
-from engine.checkpoint import PROGRESS_FILE, load_checkpoint
-from engine.job import run_job
-from engine.report import Outcome
-from engine.simulator import SimulatorConfig, running_simulator
-from engine.stats import Stats
+from engine.output import report
+from engine.output.checkpoint import PROGRESS_FILE, load_checkpoint
+from engine.output.report import Outcome
+from engine.pipeline.job import run_job
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.faults import FaultInjector, error
 from tests.test_e2e import (
     D,

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
 from engine.errors import AuthError
 from engine.flows.base import UnitResult
-from engine.records import make_record
-from engine.scheduler import Scheduler
+from engine.output.checkpoint import load_checkpoint
+from engine.output.records import make_record
+from engine.output.writer import OutputWriter
+from engine.pipeline.scheduler import Scheduler
+from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow
-from engine.stats import Stats
-from engine.writer import OutputWriter
 from tests.test_writer import lines, seed
 
 

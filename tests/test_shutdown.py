@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.checkpoint import PROGRESS_FILE
-from engine.simulator import SimulatorConfig, running_simulator
+from engine.output.checkpoint import PROGRESS_FILE
+from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.test_e2e import REPO, SMALL, assert_complete_output, seed_count
 
 TYPES = 4

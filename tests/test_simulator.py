@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from engine.schema_instance import instance_for_schema
-from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
+from engine.testing.schema_instance import instance_for_schema
+from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 
 
 class Source(BaseModel):

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from engine.errors import InvalidReply
-from engine.structured import (
+from engine.flows.structured import (
     Answer,
     Mode,
     Questions,

@@ -19,8 +19,8 @@ import orjson
 from aiohttp import web
 
 from engine import cli
-from engine.checkpoint import load_checkpoint
-from engine.simulator import RunningSimulator, SimulatorConfig, running_simulator
+from engine.output.checkpoint import load_checkpoint
+from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests import faults
 from tests.faults import FaultInjector, Seen
 from tests.test_e2e import (
@@ -262,7 +262,10 @@ async def test_preflight_adapts_to_a_refused_n_and_the_run_completes(tmp_path: P
     assert code == cli.EXIT_OK, output
     assert len(refused) == 2  # the run's shape, then n alone: the probes only
     # Said once as it is found, and in the run's summary.
-    assert output.count("WARNING engine.preflight: preflight: the server does not take n > 1") == 1
+    assert (
+        output.count("WARNING engine.pipeline.preflight: preflight: the server does not take n > 1")
+        == 1
+    )
     assert output.count("the server does not take n > 1") == 2
     assert report(out)["preflight"]["adapted"][0].startswith("the server does not take n > 1")
     assert_complete(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.teacher import ChatRequest, Message, estimate_tokens
+from engine.teacher.protocol import ChatRequest, Message, estimate_tokens
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
 from engine.flows.base import Failure, UnitResult
-from engine.records import make_record
+from engine.output.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
+from engine.output.records import make_record
+from engine.output.writer import OutputWriter, UnitDone, WriterItem
+from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow, doc_id_for
-from engine.stats import Stats
-from engine.writer import OutputWriter, UnitDone, WriterItem
 
 TYPES = ["extractive_summary", "document_based_qa"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import assert_never
 
-from engine.breaker import Breaker
 from engine.config import Config
 from engine.flows.ask import Asker, Tally
 from engine.flows.base import Flow
@@ -13,7 +12,8 @@ from engine.flows.document_qa import DocumentQAFlow
 from engine.flows.key_facts import KeyFactsFlow
 from engine.flows.summary import SummaryFlow
 from engine.flows.unit import FlowContext, Judge, stage_name
-from engine.teacher import Teacher
+from engine.pipeline.breaker import Breaker
+from engine.teacher.protocol import Teacher
 
 __all__ = ["StageSettings", "build_flows", "stage_settings"]
 
@@ -81,7 +81,7 @@ def build_flows(
 
     ``tally(stage, check)`` counts every reply choice: ``check`` "" when it was accepted,
     else the code of the check that rejected it (``Stats.count_reply``). ``breaker``
-    (``engine.breaker``) is told of every item won and lost.
+    (``engine.pipeline.breaker``) is told of every item won and lost.
     """
     gen = config.generation
     asker = Asker(

@@ -8,7 +8,7 @@ Each valid sample is handed on (``on_item``) as soon as it arrives, so its branc
 unit can go on while the others are still outstanding. Separate samples and re-asks carry a
 short note, so that a server deterministic in the prompt does not repeat itself.
 
-"Valid" is the schema and then the content checks (``engine.quality``) of an ``Ask`` that
+"Valid" is the schema and then the content checks (``engine.flows.quality``) of an ``Ask`` that
 says what it is grounded in: a choice that fails a check is invalid like one that does not
 parse, with the check's code, and is asked again the same way. Every choice is counted, as
 accepted or by the check that rejected it (``tally``).
@@ -24,13 +24,13 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from engine import quality, structured
-from engine.breaker import Breaker
 from engine.config import QualityConfig
 from engine.errors import InvalidReply, ItemError, SystematicFailure
-from engine.reasoning import Answered, answer_of
-from engine.structured import Mode
-from engine.teacher import ChatReply, ChatRequest, Choice, Message, Teacher
+from engine.flows import quality, structured
+from engine.flows.reasoning import Answered, answer_of
+from engine.flows.structured import Mode
+from engine.pipeline.breaker import Breaker
+from engine.teacher.protocol import ChatReply, ChatRequest, Choice, Message, Teacher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)

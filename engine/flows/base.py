@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from engine.errors import InvalidReply, ItemError
 from engine.seeds import SeedRow
-from engine.teacher import CHARS_PER_TOKEN, ChatRequest
+from engine.teacher.protocol import CHARS_PER_TOKEN, ChatRequest
 
 BODY_EXCERPT_CHARS = 300
 

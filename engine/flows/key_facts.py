@@ -5,13 +5,13 @@ A pair's grounding ``document`` is its fact and the fact's context.
 
 from __future__ import annotations
 
-from engine import prompts, quality
 from engine.config import KeyFactsConfig
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask
 from engine.flows.base import StagePlan, UnitResult, assumed_reply
+from engine.flows.structured import KeyFact, KeyFacts, QAPairs, key_facts_model, qa_pairs_model
 from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
 from engine.seeds import SeedRow
-from engine.structured import KeyFact, KeyFacts, QAPairs, key_facts_model, qa_pairs_model
 
 
 def _grounding(fact: str, context: str) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import prompts, quality
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask
 from engine.flows.base import StagePlan, assumed_reply
+from engine.flows.structured import Answer, Questions, questions_model
 from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
 from engine.seeds import SeedRow
-from engine.structured import Answer, Questions, questions_model
 
 
 @dataclass(frozen=True, slots=True)

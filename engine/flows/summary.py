@@ -6,14 +6,14 @@ i's questions are asked as soon as summary i has arrived, not when all N have.
 
 from __future__ import annotations
 
-from engine import prompts, quality
 from engine.config import SummaryConfig
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Parsed
 from engine.flows.base import StagePlan, UnitResult, assumed_reply
 from engine.flows.qa import Knobs, QuestionsThenAnswers
+from engine.flows.structured import Summary
 from engine.flows.unit import FlowContext, Unit, grounding, stage_name
 from engine.seeds import SeedRow
-from engine.structured import Summary
 
 
 def _slot_path(slot: int) -> tuple[str]:

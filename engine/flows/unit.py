@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from engine import prompts, quality
 from engine.errors import FatalRunError, ItemError, SystematicFailure
+from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Asker, Parsed
 from engine.flows.base import Failure, StagePlan, UnitResult
-from engine.records import make_record
+from engine.flows.structured import Verdict
+from engine.output.records import make_record
 from engine.seeds import SeedRow
-from engine.structured import Verdict
 
 log = logging.getLogger(__name__)
 REASON_EXCERPT_CHARS = 200

@@ -1,0 +1,277 @@
+"""The single writer task: the only code that touches the output files.
+
+Workers hand it finished units; it appends each unit's records in one piece, then, once a
+batch of units is fsynced, records their progress. Group commit keeps the fsync count low
+when units finish faster than a disk syncs.
+
+Units that lost items in earlier runs are run again (``retrying``): only the records they lack
+are added, and when the run ends, however it ends, their old lines in ``failures.jsonl`` are
+dropped (the new run's lines, if it lost items again, stay). Until then the old lines stand,
+so a run stopped early leaves the file saying what is still lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from engine.output.checkpoint import (
+    FAILURES_FILE,
+    PROGRESS_FILE,
+    REJECTS_FILE,
+    Checkpoint,
+    UnitSet,
+    gen_name,
+    record_ids,
+)
+from engine.flows.base import Failure, UnitResult
+from engine.seeds import Reject, SeedRow
+from engine.pipeline.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitDone:
+    seed: SeedRow
+    gen_type: str
+    result: UnitResult
+
+
+WriterItem = UnitDone | Reject
+
+
+class OutputWriter:
+    """Owns ``<out_dir>``: gen files per type, failures, rejects and progress."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        gen_types: Sequence[str],
+        checkpoint: Checkpoint,
+        stats: Stats,
+        retrying: UnitSet | None = None,
+    ) -> None:
+        """``retrying``: done units that are run again for the items they lost; only their
+        records not yet written are added, and their old failure lines are dropped at the
+        end. Their earlier losses are counted in ``stats.lost_before``."""
+        self.out_dir = out_dir
+        self.checkpoint = checkpoint
+        self.stats = stats
+        self._types = frozenset(gen_types)
+        self._files: dict[str, IO[bytes]] = {}
+        self._progress = self._open(PROGRESS_FILE)
+        self._retrying = retrying if retrying is not None else UnitSet()
+        self._redone = UnitSet()  # units of ``retrying`` committed by this run
+        self._lost_again = 0  # items those units lost in this run
+        self._written_ids = record_ids(out_dir, self._retrying) if self._retrying else set()
+        # failures.jsonl up to here is earlier runs' (after lines of units since done in full
+        # are dropped: a crash can leave them behind).
+        self._earlier_end = self._tidy_failures()
+        for gen_type in gen_types:  # every type gets its file, even if no unit succeeds
+            self._append(gen_name(gen_type), ())
+        # Rejects are recomputed from the seeds on every run, so the file starts afresh.
+        self._rejects = (out_dir / REJECTS_FILE).open("wb")
+
+    async def run(self, queue: asyncio.Queue[WriterItem | None]) -> None:
+        """Consume ``queue`` until ``None``. Cancelled, it still commits what already arrived:
+        results that reached the writer are never thrown away."""
+        try:
+            while True:
+                batch = [await queue.get(), *_drain(queue)]
+                items = [item for item in batch if item is not None]
+                await self._commit(items)
+                if len(items) < len(batch):
+                    return
+        except asyncio.CancelledError:
+            items = [item for item in _drain(queue) if item is not None]
+            self._sync_and_record(b"".join(self._write(item) for item in items))
+            raise
+        finally:
+            try:
+                self._drop_redone_failures()
+            except OSError as err:  # the old lines stay; a later run drops them
+                log.error("could not rewrite %s: %s", FAILURES_FILE, err)
+            finally:
+                self.close()
+
+    async def _commit(self, items: list[WriterItem]) -> None:
+        progress = b"".join(self._write(item) for item in items)
+        sync = asyncio.ensure_future(asyncio.to_thread(self._sync_and_record, progress))
+        try:
+            await asyncio.shield(sync)
+        except asyncio.CancelledError:
+            # The records are written: let their progress line follow before stopping, or
+            # a resume would cut them off and redo the work.
+            await sync
+            raise
+
+    def _write(self, item: WriterItem) -> bytes:
+        """Append one item's lines; return its progress line (empty for rejects)."""
+        if isinstance(item, Reject):
+            self._rejects.write(orjson.dumps(item.record()) + b"\n")
+            self.stats.rejects += 1
+            return b""
+        result = item.result
+        records = [r for r in result.records if r["id"] not in self._written_ids]
+        self._append(gen_name(item.gen_type), (orjson.dumps(rec) + b"\n" for rec in records))
+        if result.failures:
+            lines = (_failure_line(item.seed, item.gen_type, f) for f in result.failures)
+            self._append(FAILURES_FILE, lines)
+            self.stats.still_lost.update(reason(f.kind, f.check, f.status) for f in result.failures)
+        unit = (item.seed.doc_id, item.gen_type)
+        if unit in self._retrying:
+            self._redone.add(unit)
+            self._lost_again += len(result.failures)
+        self.stats.unit_written(
+            item.gen_type, len(records), result.judged_out, (f.kind for f in result.failures)
+        )
+        self.stats.kept_records(item.gen_type, records)
+        return self.checkpoint.progress_line(
+            item.seed.doc_id, item.gen_type, len(records), len(result.failures)
+        )
+
+    def _append(self, name: str, lines: Iterable[bytes]) -> None:
+        f = self._files.get(name) or self._open(name)
+        self._files[name] = f
+        for line in lines:
+            f.write(line)
+        self.checkpoint.lengths[name] = f.tell()
+
+    def _sync_and_record(self, progress: bytes) -> None:
+        for f in (*self._files.values(), self._rejects):
+            f.flush()
+            os.fsync(f.fileno())
+        if progress:
+            self._progress.write(progress)
+            self._progress.flush()
+            os.fsync(self._progress.fileno())
+
+    def _tidy_failures(self) -> int:
+        """Count the earlier losses of the units to run again (``stats.lost_before``) and
+        the ones still listed (``stats.still_lost``); drop the lines of units whose last run
+        lost nothing. Returns the length of failures.jsonl: the earlier runs' part."""
+        failed = self.checkpoint.failed
+        stale = 0
+
+        def keep(entry: dict[str, Any]) -> bool:
+            nonlocal stale
+            unit = (entry["doc_id"], entry["gen_type"])
+            if unit not in failed:
+                stale += 1
+                return False
+            why = reason(entry["kind"], entry.get("check", ""), entry.get("status"))
+            if unit in self._retrying:
+                self.stats.lost_before[why] += 1
+            if unit[1] in self._types:
+                self.stats.still_lost[why] += 1
+            return True
+
+        path = self.out_dir / FAILURES_FILE
+        if not path.exists():
+            return 0
+        with path.open("rb") as f:
+            for line in f:
+                keep(orjson.loads(line))
+        if stale:
+            log.info("failures.jsonl: dropping %d lines of units since done in full", stale)
+            return self._rewrite_failures(
+                lambda entry, _at: (entry["doc_id"], entry["gen_type"]) in failed
+            )
+        return path.stat().st_size
+
+    def _drop_redone_failures(self) -> None:
+        """The run is over: drop the earlier lines of the units it ran again and finished."""
+        if not len(self._redone):
+            return
+        redone, end = self._redone, self._earlier_end
+        dropped: Counter[str] = Counter()
+
+        def keep(entry: dict[str, Any], at: int) -> bool:
+            if at < end and (entry["doc_id"], entry["gen_type"]) in redone:
+                dropped[reason(entry["kind"], entry.get("check", ""), entry.get("status"))] += 1
+                return False
+            return True
+
+        self._rewrite_failures(keep)
+        self.stats.still_lost.subtract(dropped)
+        self.stats.still_lost = +self.stats.still_lost  # no zero or negative counts
+        self.stats.recovered = max(0, dropped.total() - self._lost_again)
+
+    def _rewrite_failures(self, keep: Callable[[dict[str, Any], int], bool]) -> int:
+        """Rewrite failures.jsonl with the lines ``keep(entry, offset)`` accepts (atomically),
+        record its new length in the progress file, and return it."""
+        path = self.out_dir / FAILURES_FILE
+        if not path.exists():
+            return 0
+        old_file = self._files.pop(FAILURES_FILE, None)
+        if old_file is not None:
+            old_file.close()
+        tmp = path.with_suffix(".tmp")
+        with path.open("rb") as old, tmp.open("wb") as new:
+            at = 0
+            for line in old:
+                if keep(orjson.loads(line), at):
+                    new.write(line)
+                at += len(line)
+            new.flush()
+            os.fsync(new.fileno())
+            length = self.checkpoint.lengths[FAILURES_FILE] = new.tell()
+        os.replace(tmp, path)
+        self._progress.write(self.checkpoint.lengths_line())
+        self._progress.flush()
+        os.fsync(self._progress.fileno())
+        return length
+
+    def _open(self, name: str) -> IO[bytes]:
+        path = self.out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("ab")
+
+    def close(self) -> None:
+        for f in (*self._files.values(), self._rejects, self._progress):
+            f.close()
+
+    def __repr__(self) -> str:
+        return f"<OutputWriter {self.out_dir} files={sorted(self._files)} {self.checkpoint!r}>"
+
+
+def reason(kind: str, check: str, status: int | None) -> str:
+    """How an item was lost, for counting: e.g. "request_rejected: HTTP 404",
+    "invalid_reply: cut_off", "retries_exhausted: HTTP 500"."""
+    if check:
+        return f"{kind}: {check}"
+    return f"{kind}: HTTP {status}" if status is not None else kind
+
+
+def _failure_line(seed: SeedRow, gen_type: str, failure: Failure) -> bytes:
+    entry = {
+        "doc_id": seed.doc_id,
+        "gen_type": gen_type,
+        "seed_line": seed.line_no,
+        "stage": failure.stage,
+        "item": failure.item,
+        "kind": failure.kind,
+        "check": failure.check,
+        "status": failure.status,
+        "attempts": failure.attempts,
+        "message": failure.message,
+        "body_excerpt": failure.body_excerpt,
+        "at": failure.at,
+    }
+    return orjson.dumps(entry) + b"\n"
+
+
+def _drain(queue: asyncio.Queue[WriterItem | None]) -> list[WriterItem | None]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items

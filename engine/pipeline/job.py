@@ -1,0 +1,258 @@
+"""One run of the engine: check the paths, resume state, open the teacher, run the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+from engine.config import GEN_TYPES, Config
+from engine.embedded.demo import embedded_teacher
+from engine.errors import ConfigError
+from engine.flows import build_flows, stage_settings
+from engine.output import manifest
+from engine.output.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
+from engine.output.lock import DirectoryLock
+from engine.output.writer import OutputWriter
+from engine.pipeline.breaker import Breaker
+from engine.pipeline.causes import RunSettings, likely_fix
+from engine.pipeline.preflight import Findings
+from engine.pipeline.preflight import check as preflight_check
+from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
+from engine.pipeline.shutdown import Shutdown
+from engine.pipeline.stats import Stats
+from engine.progress.display import show_progress
+from engine.seeds import read_seeds, seed_file_problem
+from engine.teacher.cache import CACHE_FILE, ResponseCache
+from engine.teacher.client import HTTPTeacher
+from engine.teacher.limits import RequestLimiter
+
+log = logging.getLogger(__name__)
+
+
+def check_paths(config: Config) -> None:
+    """Fail before any request if the seeds cannot be read or the output cannot be written."""
+    problems = []
+    if problem := seed_file_problem(config.input.seeds, config.input.max_document_chars):
+        problems.append(problem)
+    out_dir = config.output.dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def make_breaker(config: Config) -> Breaker:
+    """The run's breaker, with the fixes it suggests worded for ``config``'s keys."""
+    run = RunSettings(
+        stage_settings(config),
+        config.teacher.structured_output,
+        config.teacher.supports_n,
+        config.teacher.model,
+        config.teacher.urls,
+    )
+    retry = config.retry
+    return Breaker(
+        documents=retry.breaker_documents,
+        window=retry.breaker_window,
+        share=retry.breaker_share,
+        reject_share=retry.breaker_reject_share,
+        fixes=lambda signature, said: likely_fix(signature, said, run),
+    )
+
+
+async def _checked(config: Config, teacher: HTTPTeacher, stats: Stats) -> Config:
+    """The preflight, before any seed row: the config to run with, the client's wire set."""
+    config, findings = await preflight_check(config, teacher, stats)
+    teacher.wire = findings.wire
+    if findings.adapted:
+        manifest.record_adapted(config.output.dir, findings.adapted)
+    return config
+
+
+def _work_to_do(config: Config, types: Sequence[str], want: Callable[[str, str], bool]) -> bool:
+    """Whether any unit is to run (a finished output needs no preflight)."""
+    with contextlib.closing(
+        read_seeds(config.input.seeds, config.input.max_document_chars)
+    ) as seeds:
+        return any_wanted(seeds, types, want)
+
+
+class _FirstSignal:
+    """What the first SIGINT/SIGTERM does: during the preflight, cancel at once (there is
+    nothing to finish); once units run, ``scheduler.stop`` (no new units; grace for the rest)."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+
+    def __call__(self) -> None:
+        self.action()
+
+
+def _wants(checkpoint: Checkpoint, only: UnitSet | None, redo: UnitSet, doc: str, t: str) -> bool:
+    return wanted(checkpoint, only, redo, (doc, t))
+
+
+def cache_path(config: Config) -> Path:
+    """Where the response cache lives: ``output.cache``, or ``cache.sqlite`` in the output."""
+    return Path(config.output.cache) if config.output.cache else config.output.dir / CACHE_FILE
+
+
+async def run_job(
+    config: Config,
+    stats: Stats,
+    *,
+    fresh: bool = False,
+    force: bool = False,
+    cache: bool = True,
+    retry_failed: bool = False,
+    preflight: bool = True,
+) -> int | None:
+    """Generate every unit of ``config`` that the output directory does not already hold, and
+    again every unit that lost items in an earlier run.
+
+    Raises ``OutputInUse`` at once if another run is using the output directory.
+
+    ``fresh`` moves existing output aside first; ``force`` adds to output made with other
+    generation settings; ``cache=False`` neither reads nor writes the response cache;
+    ``retry_failed`` runs only the units with items in failures.jsonl, adding the records they
+    lack; ``preflight=False`` skips the teacher check (``engine.pipeline.preflight``). Returns
+    the exit code a signal asked for (130/143), or None when the run went to its end.
+    """
+    check_paths(config)
+    options = {
+        "force": force,
+        "cache": cache,
+        "retry_failed": retry_failed,
+        "preflight": preflight,
+    }
+    with _own_output(config, fresh=fresh):
+        if config.teacher.mode != "embedded":
+            return await _generate(config, stats, **options)
+        # The whole run against the local demo server, with the config it yields (mode
+        # "http"), so that the manifest records the settings actually used.
+        async with embedded_teacher(config) as served:
+            return await _generate(served, stats, **options)
+
+
+@contextlib.contextmanager
+def _own_output(config: Config, *, fresh: bool) -> Iterator[None]:
+    """Hold the output directory's lock (``engine.output.lock``) for the block; ``OutputInUse`` if
+    another run holds it. ``fresh`` moves the old output aside under the lock, so that a
+    directory a run is still writing is never moved from under it."""
+    out_dir = config.output.dir
+    lock = DirectoryLock.acquire(out_dir)
+    try:
+        if fresh and manifest.move_aside(out_dir) is not None:
+            check_paths(config)  # creates the new, empty directory
+            # Taken before the old one (moved aside with its directory) is let go.
+            new = DirectoryLock.acquire(out_dir)
+            lock.release()
+            lock = new
+        yield
+    finally:
+        lock.release()
+
+
+async def probe_teacher(config: Config, stats: Stats) -> Findings:
+    """Only the preflight (``validate --probe``): the embedded teacher is started for it."""
+    if config.teacher.mode == "embedded":
+        async with embedded_teacher(config) as served:
+            return await _probe(served, stats)
+    return await _probe(config, stats)
+
+
+async def _probe(config: Config, stats: Stats) -> Findings:
+    limits = config.limits
+    limiter = RequestLimiter(limits.requests_per_minute, limits.max_concurrency)
+    async with HTTPTeacher(config.teacher, config.retry, limiter, stats) as teacher:
+        return (await preflight_check(config, teacher, stats))[1]
+
+
+async def _generate(
+    config: Config,
+    stats: Stats,
+    *,
+    force: bool,
+    cache: bool,
+    retry_failed: bool,
+    preflight: bool,
+) -> int | None:
+    """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
+    out_dir: Path = config.output.dir
+    checkpoint = load_checkpoint(out_dir)
+    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+    manifest.check_and_write(
+        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
+    )
+    types = list(config.generation.types)
+    # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
+    # the config and running the same command recovers them.
+    redo = checkpoint.failed.of_types(types)
+    only = redo if retry_failed else None
+    if only is not None:
+        log.info("--retry-failed: %d units with failed items to run again", len(only))
+        if not only:
+            return None
+    elif checkpoint.done:
+        log.info(
+            "resuming: %d units already done in %s; %d of them lost items and run again",
+            len(checkpoint.done),
+            out_dir,
+            len(redo),
+        )
+    limits = config.limits
+    limiter = RequestLimiter(
+        limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
+    )
+    replies = ResponseCache.open(cache_path(config)) if cache else None
+    with replies if replies is not None else contextlib.nullcontext():
+        async with HTTPTeacher(
+            config.teacher, config.retry, limiter, stats, cache=replies
+        ) as teacher:
+            task = asyncio.current_task()
+            assert task is not None
+            stop = _FirstSignal(task.cancel)
+            shutdown = Shutdown(config.run.grace_s, stop)
+            with shutdown.installed(task):
+                try:
+                    if preflight and await asyncio.to_thread(
+                        _work_to_do, config, types, partial(_wants, checkpoint, only, redo)
+                    ):
+                        config = await _checked(config, teacher, stats)
+                    log.info("teacher %r, %r, %r", teacher, limiter, replies)
+                    flows = build_flows(
+                        config, teacher, tally=stats.count_reply, breaker=make_breaker(config)
+                    )
+                    writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=redo)
+                    scheduler = Scheduler(
+                        [flows[t] for t in types],
+                        writer,
+                        checkpoint,
+                        stats,
+                        config.workers,
+                        only=only,
+                        redo=redo,
+                    )
+                    stop.action = scheduler.stop
+                    seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
+                    stats.teacher_model = teacher.model
+                    async with show_progress(config, stats, limiter, scheduler):
+                        await scheduler.run(seeds)
+                except asyncio.CancelledError:
+                    if shutdown.signum is None:
+                        raise
+                    task.uncancel()  # our own doing: the writer has committed what finished
+                finally:
+                    stats.endpoints = teacher.endpoints.summary()
+                    stats.concurrency_at_end = limiter.concurrency
+                    stats.concurrency_cuts = limiter.adaptive.decreases
+    return shutdown.exit_code

@@ -1,0 +1,139 @@
+"""The pipeline: one producer, a pool of unit workers and one writer, joined by bounded queues.
+
+The producer streams seed rows and turns each into (document, type) units; workers run a unit's
+flow to the end (its stages advance branch by branch, never waiting for other units); the
+writer appends each finished unit. Bounded queues are the back-pressure: memory holds at most
+a few units per worker, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
+
+from engine.flows.base import Flow
+from engine.output.checkpoint import Checkpoint, UnitSet
+from engine.output.writer import OutputWriter, UnitDone, WriterItem
+from engine.pipeline.stats import Stats
+from engine.seeds import Reject, SeedRow
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[SeedRow, Flow]
+
+
+Units = AbstractSet[tuple[str, str]] | UnitSet
+
+
+def wanted(checkpoint: Checkpoint, only: Units | None, redo: Units, unit: tuple[str, str]) -> bool:
+    """Whether a run works on ``unit``: with ``only`` (``--retry-failed``), just those units;
+    else every unit not done, and the done ones in ``redo`` (they lost items)."""
+    if only is not None:
+        return unit in only
+    return unit not in checkpoint.done or unit in redo
+
+
+def any_wanted(
+    seeds: Iterable[SeedRow | Reject], gen_types: Sequence[str], want: Callable[[str, str], bool]
+) -> bool:
+    """Whether any unit of ``seeds`` is wanted; reads only up to the first one."""
+    return any(
+        want(item.doc_id, gen_type)
+        for item in seeds
+        if isinstance(item, SeedRow)
+        for gen_type in gen_types
+    )
+
+
+class Scheduler:
+    """Runs every unit that the checkpoint does not already hold."""
+
+    def __init__(
+        self,
+        flows: Sequence[Flow],
+        writer: OutputWriter,
+        checkpoint: Checkpoint,
+        stats: Stats,
+        workers: int,
+        only: Units | None = None,
+        redo: Units = frozenset(),
+    ) -> None:
+        """``only``: run just these units (``--retry-failed``), whether done or not;
+        ``redo``: also run these units although they are done (they lost items)."""
+        self.only = only
+        self.redo = redo
+        self.flows = flows
+        self.writer = writer
+        self.checkpoint = checkpoint
+        self.stats = stats
+        self.workers = workers
+        self.active = 0
+        self.stopping = False
+        self._units: asyncio.Queue[Unit | None] = asyncio.Queue(maxsize=workers)
+
+    def stop(self) -> None:
+        """Take no new units; the ones in flight go on. Units already queued are dropped (they
+        are not done, so a resume runs them)."""
+        self.stopping = True
+        while not self._units.empty():
+            self._units.get_nowait()
+
+    async def run(self, seeds: Iterable[SeedRow | Reject]) -> None:
+        """Process ``seeds`` to the end. Cancelled, the writer still commits finished units."""
+        units = self._units
+        results: asyncio.Queue[WriterItem | None] = asyncio.Queue(maxsize=self.workers)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.writer.run(results), name="writer")
+            pool = [
+                tg.create_task(self._work(units, results), name=f"worker-{i}")
+                for i in range(self.workers)
+            ]
+            await self._produce(seeds, units, results)
+            for _ in pool:
+                await units.put(None)
+            # wait, not gather: a worker's error is the task group's to raise, once (gather
+            # would raise the same error again from here).
+            await asyncio.wait(pool)
+            await results.put(None)
+
+    async def _produce(
+        self,
+        seeds: Iterable[SeedRow | Reject],
+        units: asyncio.Queue[Unit | None],
+        results: asyncio.Queue[WriterItem | None],
+    ) -> None:
+        for item in seeds:
+            if self.stopping:
+                return
+            if isinstance(item, Reject):
+                log.warning("seed line %d rejected: %s", item.line_no, item.reason)
+                await results.put(item)
+                continue
+            for flow in self.flows:
+                if self.wanted(item.doc_id, flow.gen_type):
+                    await units.put((item, flow))
+                else:
+                    self.stats.units_skipped[flow.gen_type] += 1
+
+    def wanted(self, doc_id: str, gen_type: str) -> bool:
+        """Whether this run works on the unit (also asked by the progress count)."""
+        return wanted(self.checkpoint, self.only, self.redo, (doc_id, gen_type))
+
+    async def _work(
+        self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]
+    ) -> None:
+        while (unit := await units.get()) is not None:
+            if self.stopping:
+                continue
+            seed, flow = unit
+            self.active += 1
+            try:
+                result = await flow.run(seed)
+            finally:
+                self.active -= 1
+            await results.put(UnitDone(seed, flow.gen_type, result))
+
+    def __repr__(self) -> str:
+        return f"<Scheduler workers={self.workers} active={self.active} {self.stats!r}>"
