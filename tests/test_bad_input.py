@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -14,7 +12,14 @@ import orjson
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.testing.simulator import SimulatorConfig, running_simulator
-from tests.test_e2e import REPO, SAMPLE_SEEDS, assert_complete_output, config_for, engine_cli
+from tests.support.cli import (
+    DEFAULT_TOML,
+    engine_cli,
+    engine_cli_apart,
+    set_args,
+    teacher_env,
+)
+from tests.support.runs import REPO, SAMPLE_SEEDS, assert_complete_output, config_for
 
 GOOD = SAMPLE_SEEDS.read_bytes().splitlines()
 
@@ -61,30 +66,26 @@ async def test_every_bad_row_is_rejected_and_the_good_rows_complete(tmp_path: Pa
     assert_complete_output(out)  # all three good rows, every type, nothing else
 
 
-def run_cli(cwd: Path, *sets: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+async def run_cli(cwd: Path, *sets: str) -> tuple[int, str, str]:
     # Nothing listens there: any request would fail, so exit 2 proves none was needed.
-    env |= {"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"}
-    args = [a for s in sets for a in ("--set", s)]
-    return subprocess.run(
-        [sys.executable, "-m", "engine", "run", str(REPO / "config/default.toml"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    env = teacher_env("http://127.0.0.1:9/v1", model="m")
+    return await engine_cli_apart("run", DEFAULT_TOML, *set_args(*sets), cwd=cwd, env=env)
 
 
-def test_a_missing_seed_file_exits_2_with_a_clear_message(tmp_path: Path) -> None:
-    done = run_cli(tmp_path, 'input.seeds="nowhere.jsonl"', f'output.dir="{tmp_path / "o"}"')
-    assert done.returncode == 2
-    assert "input.seeds: no such file: nowhere.jsonl" in done.stderr
+async def test_a_missing_seed_file_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    sets = ('input.seeds="nowhere.jsonl"', f'output.dir="{tmp_path / "o"}"')
+    code, _out, err = await run_cli(tmp_path, *sets)
+    assert code == 2
+    assert "input.seeds: no such file: nowhere.jsonl" in err
 
 
-def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
+async def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     seeds = f'input.seeds="{SAMPLE_SEEDS}"'
-    done = run_cli(tmp_path, seeds, f'output.dir="{blocker / "out"}"')
-    assert done.returncode == 2
-    assert "output.dir: cannot write to" in done.stderr
+    code, _out, err = await run_cli(tmp_path, seeds, f'output.dir="{blocker / "out"}"')
+    assert code == 2
+    assert "output.dir: cannot write to" in err
 
 
 async def test_a_json_array_seed_file_exits_2_before_any_request_then_runs_as_json_lines(

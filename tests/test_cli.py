@@ -9,10 +9,9 @@ import pytest
 
 from engine.cli import main
 from engine.embedded import demo as embedded
-from engine.testing.simulator import running_simulator
-from tests.test_e2e import REPO, SAMPLE_SEEDS, engine_cli
-
-DEFAULT_TOML = str(REPO / "config" / "default.toml")
+from engine.testing.simulator import RunningSimulator
+from tests.support.cli import DEFAULT_TOML, engine_cli
+from tests.support.runs import SAMPLE_SEEDS
 
 
 def _env(**teacher: str) -> dict[str, str]:
@@ -27,18 +26,19 @@ def _seeds_with_rejects(tmp_path: Path) -> Path:
     return path
 
 
-async def test_validate_lists_the_rejects_and_sends_nothing(tmp_path: Path) -> None:
+async def test_validate_lists_the_rejects_and_sends_nothing(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
     seeds = _seeds_with_rejects(tmp_path)
-    async with running_simulator() as sim:
-        env = _env(
-            TEACHER_MODEL_BASE_URL=sim.base_url.replace("http://", "http://user:pw@"),
-            TEACHER_MODEL_NAME="sim-teacher",
-        )
-        code, output = await engine_cli(
-            "validate", DEFAULT_TOML, "--set", f'input.seeds="{seeds}"',
-            "--set", f'output.dir="{tmp_path / "out"}"', cwd=tmp_path, env=env,
-        )  # fmt: skip
-        assert sim.state.total_requests == 0
+    env = _env(
+        TEACHER_MODEL_BASE_URL=sim.base_url.replace("http://", "http://user:pw@"),
+        TEACHER_MODEL_NAME="sim-teacher",
+    )
+    code, output = await engine_cli(
+        "validate", DEFAULT_TOML, "--set", f'input.seeds="{seeds}"',
+        "--set", f'output.dir="{tmp_path / "out"}"', cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert sim.state.total_requests == 0
     assert code == 0, output
     assert "line 2: invalid JSON" in output
     assert "line 4: blank line" in output

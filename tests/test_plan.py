@@ -32,8 +32,9 @@ from engine.plan import (
 from engine.seeds import SeedRow, doc_id_for
 from engine.teacher.protocol import ChatReply, ChatRequest, estimate_tokens
 from engine.testing.simulator import SimulatorConfig, running_simulator
-from tests.fakes import FakeTeacher, make_seed, reply
-from tests.test_e2e import REPO, SAMPLE_SEEDS, SMALL, config_for, engine_cli
+from tests.support.cli import engine_cli
+from tests.support.fakes import FakeTeacher, make_seed, reply
+from tests.support.runs import REPO, SAMPLE_SEEDS, SMALL, config_for
 
 # Small fan-out: N summaries, Q questions each, F facts x P pairs, D document questions.
 N, Q, F, P, D = 3, 2, 4, 3, 5

@@ -81,6 +81,8 @@ class SimulatorConfig:
     # limit, so that a client's token reservations are exact (token-pacing benchmarks).
     usage_fills_max_tokens: bool = False
     fault: FaultHook | None = None
+    # How a reply's latency is waited out (tests inject one that records or steers it).
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     # Where the API is served: "/v1" and "" (both, the default), or one of them.
     prefixes: tuple[str, ...] = ("/v1", "")
     # The context length, like vLLM's max_model_len: listed in /models, and a request whose
@@ -267,7 +269,7 @@ async def _answer(
         log.tokens = completion["usage"]["total_tokens"]
     except _BadRequest as err:
         return _error(400, str(err), kind="invalid_request_error", code=None)
-    await asyncio.sleep(_latency(config, state.rng))
+    await config.sleep(_latency(config, state.rng))
     return _json(completion)
 
 

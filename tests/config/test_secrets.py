@@ -1,0 +1,148 @@
+"""The API key, whatever its value, never reaches a file or a log, and never breaks a run.
+
+Unit tests for ``engine.config.secrets``, then whole runs through the CLI with odd keys: short
+placeholders that local servers accept (which once rewrote the report's own field names and
+crashed its summary), a key pasted with its newline, and a long real-looking key that a
+gateway echoes back in its error bodies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.config import load_config
+from engine.config.secrets import REDACTED, redact
+from engine.output import report
+from engine.output.report import Outcome
+from engine.pipeline.preflight import PROBE_PROMPT
+from engine.pipeline.stats import Stats
+from engine.testing.simulator import SimulatorConfig, running_simulator
+from tests.support import faults
+from tests.support.cli import engine_cli
+from tests.support.faults import FaultInjector, Plan, Seen
+from tests.support.runs import REPO, SAMPLE_SEEDS, SMALL
+
+LONG_KEY = "sk-proj-Q7v2Lx9KmP4sT8wZ1aB6cD3eF5gH0jN2rU4yV6xW8zA"
+
+
+def test_redact_replaces_every_occurrence_of_a_real_key() -> None:
+    text = f"bad key {LONG_KEY}; Authorization: Bearer {LONG_KEY}."
+    assert redact(text, LONG_KEY) == f"bad key {REDACTED}; Authorization: Bearer {REDACTED}."
+
+
+@pytest.mark.parametrize("placeholder", ["x", "e", "token", "EMPTY", "/", "sk-1234"])
+def test_redact_leaves_text_alone_for_a_placeholder_key(placeholder: str) -> None:
+    text = "the token budget of /v1/chat/completions: EMPTY reply, exit 1"
+    assert redact(text, placeholder) == text
+    assert redact(text, None) == text
+
+
+ODD_KEYS = ["x", "e", "token", "EMPTY", "/", "exit", "extractive_summary"]
+
+
+@pytest.mark.parametrize("key", ODD_KEYS)
+def test_a_placeholder_key_changes_nothing_in_the_report(tmp_path: Path, key: str) -> None:
+    def build(api_key: str | None) -> dict[str, object]:
+        sets = [f'output.dir="{tmp_path / "extractive_summary"}"']
+        if api_key is not None:
+            sets.append(f"teacher.api_key={orjson.dumps(api_key).decode()}")
+        env = {"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"}
+        config = load_config(
+            REPO / "config" / "default.toml", sets, environ=env, dotenv_path=tmp_path / "no.env"
+        )
+        outcome = Outcome(1, "fatal", "the teacher at http://127.0.0.1:9/v1 answered HTTP 401")
+        return report.build(config, Stats(), outcome, {"fresh": False}, now=0.0)
+
+    with_key, without = build(key), build(None)
+    assert "run fatal (exit 1)" in report.summary(with_key)
+    timing = {"started_at", "wall_time_s"}
+    assert {k: v for k, v in with_key.items() if k not in timing} == {
+        k: v for k, v in without.items() if k not in timing
+    }
+
+
+# --- whole runs -------------------------------------------------------------------------------
+
+
+def one_row_seeds(tmp_path: Path) -> Path:
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(SAMPLE_SEEDS.read_bytes().splitlines()[0] + b"\n")
+    return path
+
+
+async def run_with_key(
+    tmp_path: Path, server_key: str, env_key: str, sim: SimulatorConfig | None = None
+) -> tuple[int, str, Path]:
+    out = tmp_path / "out"
+    config = SimulatorConfig(api_key=server_key) if sim is None else sim
+    async with running_simulator(config) as running:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+        env |= {
+            "TEACHER_MODEL_BASE_URL": running.base_url,
+            "TEACHER_MODEL_NAME": "sim-teacher",
+            "TEACHER_MODEL_API_KEY": env_key,
+        }
+        sets = [*SMALL, f'output.dir="{out}"', f'input.seeds="{one_row_seeds(tmp_path)}"']
+        args = [a for s in sets for a in ("--set", s)]
+        code, output = await engine_cli(
+            "run", "config/default.toml", "-v", *args, cwd=REPO, env=env
+        )
+    return code, output, out
+
+
+@pytest.mark.parametrize("key", [*ODD_KEYS, "  sk-pasted-with-its-newline\n"])
+async def test_a_run_with_an_odd_key_finishes_and_reports(tmp_path: Path, key: str) -> None:
+    code, output, out = await run_with_key(tmp_path, key.strip(), key)
+    assert code == 0, output
+    assert "Traceback" not in output and "[redacted]" not in output
+    got = orjson.loads((out / "run_report.json").read_bytes())
+    assert got["exit"] == {"code": 0, "status": "done", "reason": "every unit finished"}
+    assert set(got["types"]) == {
+        "extractive_summary",
+        "detailed_summary",
+        "key_facts_to_qa",
+        "document_based_qa",
+    }
+    assert got["files"]["output_dir"] == str(out.resolve())
+    assert f"report: {out.resolve() / 'run_report.json'}" in output
+
+
+def echoes_the_key(seen: Seen) -> faults.Outcome:
+    """A gateway that quotes the request's credentials in its error bodies (of the data
+    requests: the preflight's probes get real answers)."""
+    if PROBE_PROMPT not in seen.prompt and seen.index % 5 == 0:
+        return faults.error(400, f"bad request (Authorization: Bearer {LONG_KEY})")
+    return None
+
+
+def echoes_the_key_always(seen: Seen) -> faults.Outcome:
+    """The same gateway quoting the credentials to every request, the preflight's too."""
+    return faults.error(400, f"bad request (Authorization: Bearer {LONG_KEY})")
+
+
+@pytest.mark.parametrize(
+    ("plan", "exit_code", "where"),
+    [
+        # The echoed 400s lose some items: the key would be in failures.jsonl.
+        (echoes_the_key, 3, "failures.jsonl"),
+        # The preflight stops the run: the key would be in its message and the report.
+        (echoes_the_key_always, 1, "run_report.json"),
+    ],
+)
+async def test_a_real_key_is_nowhere_in_the_output_or_the_logs(
+    tmp_path: Path, plan: Plan, exit_code: int, where: str
+) -> None:
+    sim = SimulatorConfig(api_key=LONG_KEY, fault=FaultInjector(plan))
+    code, output, out = await run_with_key(tmp_path, LONG_KEY, f"{LONG_KEY}\n", sim)
+    assert code == exit_code, output
+    assert "Traceback" not in output
+    assert b"bad request (Authorization: Bearer [redacted])" in (out / where).read_bytes()
+    assert LONG_KEY not in output
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert {p.name for p in files} >= {"run_report.json", where, "cache.sqlite"}
+    for path in files:
+        assert LONG_KEY.encode() not in path.read_bytes(), path

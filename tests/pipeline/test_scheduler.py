@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.errors import AuthError
+from engine.flows.base import UnitResult
+from engine.output.checkpoint import load_checkpoint
+from engine.output.records import make_record
+from engine.output.writer import OutputWriter
+from engine.pipeline.scheduler import Scheduler
+from engine.pipeline.stats import Stats
+from engine.seeds import Reject, SeedRow
+from tests.support.fakes import seed
+from tests.support.runs import lines
+
+
+class EchoFlow:
+    """One record per unit; documents named in ``hold`` wait until their event is set."""
+
+    def __init__(self, gen_type: str, hold: dict[str, asyncio.Event] | None = None) -> None:
+        self.gen_type = gen_type
+        self.hold = hold or {}
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.changed = asyncio.Event()
+
+    async def run(self, row: SeedRow) -> UnitResult:
+        self.started.append(row.document)
+        if row.document in self.hold:
+            await self.hold[row.document].wait()
+        self.finished.append(row.document)
+        self.changed.set()
+        record = make_record(
+            row,
+            self.gen_type,
+            ("q00",),
+            document=row.document,
+            question="Q?",
+            response="A",
+            model="m",
+        )
+        return UnitResult(records=[record])
+
+
+class FatalFlow(EchoFlow):
+    async def run(self, row: SeedRow) -> UnitResult:
+        if row.document == "doc 2":
+            raise AuthError("http://teacher/v1", 401)
+        return await super().run(row)
+
+
+def make_scheduler(out: Path, flows: list[EchoFlow], workers: int = 2) -> Scheduler:
+    stats = Stats()
+    checkpoint = load_checkpoint(out)
+    writer = OutputWriter(out, [f.gen_type for f in flows], checkpoint, stats)
+    return Scheduler(flows, writer, checkpoint, stats, workers=workers)
+
+
+async def test_every_unit_runs_once_and_rejects_reach_the_writer(tmp_path: Path) -> None:
+    flows = [EchoFlow("extractive_summary"), EchoFlow("document_based_qa")]
+    seeds = [seed("doc 1", 1), Reject(2, "blank line", ""), seed("doc 3", 3)]
+    scheduler = make_scheduler(tmp_path, flows)
+    await scheduler.run(seeds)
+    for flow in flows:
+        assert sorted(flow.started) == ["doc 1", "doc 3"]
+        assert len(lines(tmp_path / flow.gen_type / "gen.jsonl")) == 2
+    assert scheduler.stats.rejects == 1
+    assert sum(scheduler.stats.units_done.values()) == 4
+
+
+async def test_finished_units_are_skipped_on_resume(tmp_path: Path) -> None:
+    await make_scheduler(tmp_path, [EchoFlow("extractive_summary")]).run([seed("doc 1")])
+    again = EchoFlow("extractive_summary")
+    scheduler = make_scheduler(tmp_path, [again])
+    await scheduler.run([seed("doc 1"), seed("doc 2", 2)])
+    assert again.started == ["doc 2"]
+    assert scheduler.stats.units_skipped == {"extractive_summary": 1}
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 2
+
+
+async def test_a_slow_unit_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    flow = EchoFlow("extractive_summary", hold={"doc 1": release})
+    scheduler = make_scheduler(tmp_path, [flow], workers=2)
+    run = asyncio.create_task(scheduler.run([seed(f"doc {i}", i) for i in range(1, 6)]))
+    while len(flow.finished) < 4:
+        flow.changed.clear()
+        await flow.changed.wait()
+    assert sorted(flow.finished) == ["doc 2", "doc 3", "doc 4", "doc 5"]
+    assert not run.done()  # doc 1 still pending while docs 2..5 went through the other worker
+    release.set()
+    await run
+    assert scheduler.stats.units_done["extractive_summary"] == 5
+
+
+async def test_a_fatal_error_stops_the_run_and_keeps_finished_units(tmp_path: Path) -> None:
+    scheduler = make_scheduler(tmp_path, [FatalFlow("extractive_summary")], workers=1)
+    with pytest.raises(ExceptionGroup) as caught:
+        await scheduler.run([seed("doc 1", 1), seed("doc 2", 2), seed("doc 3", 3)])
+    assert caught.group_contains(AuthError)
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 1
+    assert not (tmp_path / "failures.jsonl").exists()  # nothing marked failed
