@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 
 from engine import __version__
-from engine.output.aside import aside_name
 from engine.config import Config
 from engine.errors import ConfigError
+from engine.output.aside import aside_name
 from engine.output.lock import LOCK_FILE
 from engine.output.records import OUTPUT_SCHEMA
 

@@ -23,11 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from engine import __version__
-from engine.output.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.config import Config
-from engine.progress.view import duration
 from engine.config.secrets import redact
+from engine.output.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.pipeline.stats import Kept, Stats
+from engine.progress.view import duration
 
 log = logging.getLogger(__name__)
 

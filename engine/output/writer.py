@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import orjson
 
+from engine.flows.base import Failure, UnitResult
 from engine.output.checkpoint import (
     FAILURES_FILE,
     PROGRESS_FILE,
@@ -32,9 +33,8 @@ from engine.output.checkpoint import (
     gen_name,
     record_ids,
 )
-from engine.flows.base import Failure, UnitResult
-from engine.seeds import Reject, SeedRow
 from engine.pipeline.stats import Stats
+from engine.seeds import Reject, SeedRow
 
 log = logging.getLogger(__name__)
 
