@@ -74,7 +74,7 @@ class AdaptiveConcurrency:
         return f"<AdaptiveConcurrency {self.limit}/{self.maximum} decreases={self.decreases}>"
 
 
-class _TokenBudget:
+class TokenBudget:
     """Tokens per minute: each request reserves an estimate, settled later from its usage.
 
     Over-estimates come back as credit for the next requests, at most one bucket's worth
@@ -92,6 +92,8 @@ class _TokenBudget:
         self.balance = 0.0  # > 0: credit from over-estimates; < 0: debt from under-estimates
 
     async def reserve(self, tokens: int) -> None:
+        """Wait until ``tokens`` (an estimate, in tokens) can be spent, in arrival order; the
+        balance (credit or debt) is spent with it."""
         need = float(tokens)
         async with self._turn:
             while True:
@@ -106,42 +108,42 @@ class _TokenBudget:
                 need -= part
 
     def settle(self, reserved: int, used: int) -> None:
+        """A request that reserved ``reserved`` tokens used ``used``: the difference becomes
+        credit (capped at one bucket) or debt."""
         self.balance = min(self.balance + reserved - used, float(self._capacity))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
-    """One request's hold on the limiter; the client reports what became of it."""
+    """One request's hold on a ``RequestLimiter`` slot: what the limiter needs to know when
+    the request's outcome is reported (``RequestLimiter.throttled`` / ``answered``).
+
+    ``reserved_tokens``: the tokens taken from the tokens-per-minute budget for it (0 when
+    there is no such budget); ``round``: the concurrency round it was sent in
+    (``AdaptiveConcurrency.round``).
+    """
 
     limiter: RequestLimiter
     reserved_tokens: int
     round: int
 
     def throttled(self, retry_after: float | None = None) -> None:
-        """The endpoint answered 429, asking for ``retry_after`` seconds of quiet (if given)."""
-        if self.limiter.adaptive.throttled(self.round):
-            log.warning(
-                "teacher answered 429: requests in flight cut to %d (of %d)",
-                self.limiter.adaptive.limit,
-                self.limiter.max_concurrency,
-            )
-        if retry_after:
-            self.limiter.hold(retry_after)
+        """Report a 429: ``RequestLimiter.throttled`` for this lease."""
+        self.limiter.throttled(self, retry_after)
 
     def answered(self, used_tokens: int) -> None:
-        """Any other reply; ``used_tokens`` from its usage (0 when the server sent none)."""
-        if self.limiter.adaptive.succeeded():
-            self.limiter._wake()
-        tokens = self.limiter.tokens
-        if tokens is not None and used_tokens > 0:
-            tokens.settle(self.reserved_tokens, used_tokens)
+        """Report any other reply: ``RequestLimiter.answered`` for this lease."""
+        self.limiter.answered(self, used_tokens)
 
 
 class RequestLimiter:
     """A concurrency cap that shrinks on 429 and grows back, plus paced RPM and TPM budgets.
 
     The slot is held while the request is in flight; waiting for it is first come, first
-    served.
+    served. The client reports each request's outcome through its ``Lease``
+    (``throttled`` / ``answered``). Raises ``ValueError`` for a ``requests_per_minute`` or
+    ``max_concurrency`` below 1, or a negative ``tokens_per_minute`` (0: no token cap);
+    ``sleep`` waits out a 429's quiet (injectable for tests).
     """
 
     def __init__(
@@ -160,7 +162,7 @@ class RequestLimiter:
         self.max_concurrency = max_concurrency
         self.tokens_per_minute = tokens_per_minute
         self.adaptive = AdaptiveConcurrency(max_concurrency)
-        self.tokens = _TokenBudget(tokens_per_minute) if tokens_per_minute else None
+        self.tokens = TokenBudget(tokens_per_minute) if tokens_per_minute else None
         self._pace = _bucket(requests_per_minute)
         self._held = 0  # slots taken, including requests still waiting for pacing
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -173,6 +175,35 @@ class RequestLimiter:
         """Requests allowed in flight right now (below ``max_concurrency`` after 429s)."""
         return self.adaptive.limit
 
+    @property
+    def resume_at(self) -> float:
+        """Event-loop time (``loop.time()``, seconds) before which no new request is sent; in
+        the past when nothing is held back."""
+        return self._resume_at
+
+    def throttled(self, lease: Lease, retry_after: float | None = None) -> None:
+        """The request holding ``lease`` was answered 429, asking for ``retry_after`` seconds
+        of quiet (None or 0: it did not say). Cuts the requests in flight (once per round,
+        see ``AdaptiveConcurrency``) and holds new requests back for ``retry_after``."""
+        if self.adaptive.throttled(lease.round):
+            log.warning(
+                "teacher answered 429: requests in flight cut to %d (of %d)",
+                self.adaptive.limit,
+                self.max_concurrency,
+            )
+        if retry_after:
+            self.hold(retry_after)
+
+    def answered(self, lease: Lease, used_tokens: int) -> None:
+        """The request holding ``lease`` got any reply but a 429 (an error too);
+        ``used_tokens`` is its usage's prompt plus completion tokens (0 when the server sent
+        none, which leaves the reservation as it was). Grows the requests in flight back, and
+        settles the tokens-per-minute reservation against what was used."""
+        if self.adaptive.succeeded():
+            self._wake()
+        if self.tokens is not None and used_tokens > 0:
+            self.tokens.settle(lease.reserved_tokens, used_tokens)
+
     def hold(self, seconds: float) -> None:
         """Send nothing new for ``seconds``: a rate limit's Retry-After is about the whole
         account, not the one request that got it, and every request sent meanwhile would
@@ -181,7 +212,9 @@ class RequestLimiter:
 
     @asynccontextmanager
     async def slot(self, tokens: int = 0) -> AsyncIterator[Lease]:
-        """Hold a slot for one request that may use up to ``tokens`` tokens."""
+        """Hold a slot for one request that may use up to ``tokens`` tokens (prompt plus
+        completion): waits for a free slot, the end of any 429 quiet, the pace, and the
+        tokens; the slot is freed when the block ends."""
         await self._take()
         try:
             quiet = self._resume_at - asyncio.get_running_loop().time()

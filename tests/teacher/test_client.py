@@ -347,7 +347,7 @@ async def test_429_with_retry_after_asks_the_limiter_for_quiet(
 
     await client.complete(REQUEST)
 
-    assert before + 120 <= limiter._resume_at <= loop.time() + 120
+    assert before + 120 <= limiter.resume_at <= loop.time() + 120
 
 
 async def test_other_errors_leave_the_concurrency_alone(
