@@ -40,7 +40,7 @@ from engine.errors import (
 from engine.pipeline.stats import Stats
 from engine.teacher.cache import ResponseCache, canonical_body, request_key
 from engine.teacher.endpoints import Endpoint, EndpointPool, Passage
-from engine.teacher.health import Outcome
+from engine.teacher.health import AttemptOutcome, answered_outcome, unreachable
 from engine.teacher.limits import Lease, RequestLimiter
 from engine.teacher.network import (
     Proxy,
@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 # Connections beyond the concurrency cap, so a connection being closed never blocks a new one.
 _SPARE_CONNECTIONS = 8
 _EXCERPT_CHARS = 300
-# A proxy or load balancer answering for a backend that is gone.
-_GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class HTTPTeacher:
@@ -250,7 +248,7 @@ class HTTPTeacher:
                     try:
                         return await self._exchange(passage, lease, body)
                     except RetryableError as err:
-                        if passage.endpoint.health.down and _unreachable(err):
+                        if passage.endpoint.health.down and unreachable(err):
                             self._stats.retries[_reason(err)] += 1
                             raise _EndpointDown from err
                         raise
@@ -265,11 +263,10 @@ class HTTPTeacher:
         try:
             status, headers, raw = await self._post(passage.endpoint.chat_url, body)
         except RetryableError:
-            passage.outcome = Outcome.UNREACHABLE
+            passage.outcome = AttemptOutcome.UNREACHABLE
             raise
         else:
-            gone = status in _GATEWAY_STATUSES
-            passage.outcome = Outcome.UNREACHABLE if gone else Outcome.ANSWERED
+            passage.outcome = answered_outcome(status)
         finally:
             self.endpoints.settle(passage)
         try:
@@ -478,13 +475,6 @@ class _Received:
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
-
-
-def _unreachable(err: RetryableError) -> bool:
-    """Failures that say the server is not there, as opposed to a server answering badly."""
-    if isinstance(err, TeacherHTTPError):
-        return err.status in _GATEWAY_STATUSES
-    return isinstance(err, TeacherConnectionError | TeacherTimeout)
 
 
 def _reason(err: RetryableError) -> str:

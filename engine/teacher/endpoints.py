@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import EndpointDown
-from engine.teacher.health import Health, Outcome
+from engine.teacher.health import AttemptOutcome, Health
 
 
 @dataclass(slots=True, eq=False)
 class Endpoint:
+    """One replica of the teacher: its base URL, health and load."""
+
     url: str  # the base URL, e.g. http://host:8000/v1
     health: Health
     assigned: int = 0  # attempts routed here and not settled yet
@@ -32,6 +34,7 @@ class Endpoint:
 
     @property
     def chat_url(self) -> str:
+        """The URL chat completions are POSTed to: ``url`` + ``/chat/completions``."""
         return self.url + "/chat/completions"
 
 
@@ -42,10 +45,16 @@ class Passage:
     endpoint: Endpoint
     request: object
     probe: bool
-    outcome: Outcome | None = field(default=None)
+    outcome: AttemptOutcome | None = field(default=None)
 
 
 class EndpointPool:
+    """The teacher's replicas (``urls``, base URLs; at least one, else ``ValueError``) and
+    where each attempt goes. ``threshold``, ``probe_base_s`` and ``probe_max_s`` configure
+    each endpoint's ``Health``; ``give_up_s``: seconds with every endpoint down after which
+    waiting attempts get ``EndpointDown``.
+    """
+
     def __init__(
         self,
         urls: Sequence[str],
@@ -76,6 +85,7 @@ class EndpointPool:
 
     @property
     def outages(self) -> int:
+        """Times any endpoint was found down, in all."""
         return sum(e.health.outages for e in self.endpoints)
 
     async def ready(self) -> Endpoint | None:

@@ -15,15 +15,44 @@ from __future__ import annotations
 import logging
 from enum import Enum
 
+from engine.errors import RetryableError, TeacherConnectionError, TeacherHTTPError, TeacherTimeout
+
 log = logging.getLogger(__name__)
 
+# A proxy or load balancer answering for a backend that is gone.
+GATEWAY_STATUSES = frozenset({502, 503, 504})
 
-class Outcome(Enum):
+
+class AttemptOutcome(Enum):
+    """What one attempt says about its endpoint being there (not about the reply)."""
+
     ANSWERED = "answered"  # any HTTP answer, even an error: the server is there
     UNREACHABLE = "unreachable"  # refused, reset, timed out, 502/503/504
 
 
+def answered_outcome(status: int) -> AttemptOutcome:
+    """The outcome of an attempt answered with HTTP ``status``: a gateway's 502/503/504 says
+    the server behind it is gone; any other status, that it is there."""
+    return AttemptOutcome.UNREACHABLE if status in GATEWAY_STATUSES else AttemptOutcome.ANSWERED
+
+
+def unreachable(err: RetryableError) -> bool:
+    """Whether ``err`` says the server is not there (refused, reset, timed out, a gateway's
+    502/503/504), as opposed to a server answering badly."""
+    if isinstance(err, TeacherHTTPError):
+        return err.status in GATEWAY_STATUSES
+    return isinstance(err, TeacherConnectionError | TeacherTimeout)
+
+
 class Health:
+    """One endpoint's up/down state, fed with the outcome of every attempt sent to it.
+
+    ``endpoint``: its base URL (for logs); ``threshold``: different requests failing as
+    unreachable in a row that mark it down; ``probe_base_s`` / ``probe_max_s``: the pause
+    before the first probe, doubling after each failed probe up to the maximum (seconds of
+    event-loop time). ``down_since`` is the loop time it went down (None: up).
+    """
+
     def __init__(
         self, endpoint: str, *, threshold: int, probe_base_s: float, probe_max_s: float
     ) -> None:
@@ -46,22 +75,27 @@ class Health:
 
     @property
     def down(self) -> bool:
+        """Marked down, and not answered a probe since."""
         return self.down_since is not None
 
     def probe_due(self, now: float) -> bool:
         """Down, no probe out, and the pause since the last probe is over."""
         return self.down and not self.probing and now >= self.next_probe_at
 
-    def record(self, request: object, outcome: Outcome | None, *, probe: bool, now: float) -> None:
-        """The outcome of an attempt of ``request`` (None: it was never sent)."""
+    def record(
+        self, request: object, outcome: AttemptOutcome | None, *, probe: bool, now: float
+    ) -> None:
+        """The outcome of an attempt of ``request`` (any object naming the request across its
+        attempts; None outcome: it was never sent), at loop time ``now``; ``probe``: the
+        attempt was the endpoint's probe."""
         if probe:
             self.probing = False
-        if outcome is Outcome.ANSWERED:
+        if outcome is AttemptOutcome.ANSWERED:
             # A late answer to a request sent before the outage proves nothing about now
             # (a server shutting down still finishes its requests): only a probe reopens.
             if probe or not self.down:
                 self._answered(now)
-        elif outcome is Outcome.UNREACHABLE:
+        elif outcome is AttemptOutcome.UNREACHABLE:
             self._unreachable(request, probe, now)
 
     def _answered(self, now: float) -> None:

@@ -19,7 +19,7 @@ from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.endpoints import EndpointPool
-from engine.teacher.health import Outcome
+from engine.teacher.health import AttemptOutcome
 from engine.teacher.protocol import ChatReply, ChatRequest, Message
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.support.clock import run_virtual
@@ -211,7 +211,7 @@ def test_a_claimed_probe_that_is_not_sent_passes_to_the_next_waiter() -> None:
     async def scenario() -> tuple[bool, bool]:
         first = pool.route("request 1")
         assert first is not None
-        first.outcome = Outcome.UNREACHABLE
+        first.outcome = AttemptOutcome.UNREACHABLE
         pool.settle(first)  # down now; a probe is due in 1 s
         claimed = await pool.ready()
         assert claimed is pool.endpoints[0] and claimed.health.probing

@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import EndpointDown, RetriesExhausted, TeacherConnectionError
+from engine.errors import (
+    EndpointDown,
+    MalformedResponse,
+    RetriesExhausted,
+    RetryableError,
+    TeacherConnectionError,
+    TeacherDNSError,
+    TeacherHTTPError,
+    TeacherTimeout,
+)
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.teacher.client import HTTPTeacher
+from engine.teacher.health import AttemptOutcome, answered_outcome, unreachable
 from engine.teacher.limits import Lease, RequestLimiter
 from engine.teacher.protocol import ChatReply, ChatRequest, Message
 from engine.testing.simulator import SimulatorConfig, running_simulator
@@ -24,6 +34,40 @@ from tests.support.runs import assert_complete_output, config_for
 REQUEST = ChatRequest(messages=(Message("user", "hi"),))
 OK_BODY = b'{"model": "m", "choices": [{"message": {"content": "ok"}}]}'
 LATENCY_S = 1.0
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, AttemptOutcome.ANSWERED),
+        (500, AttemptOutcome.ANSWERED),
+        (429, AttemptOutcome.ANSWERED),
+        (401, AttemptOutcome.ANSWERED),
+        (502, AttemptOutcome.UNREACHABLE),
+        (503, AttemptOutcome.UNREACHABLE),
+        (504, AttemptOutcome.UNREACHABLE),
+    ],
+)
+def test_an_answer_is_unreachable_only_from_a_gateway(status: int, outcome: AttemptOutcome) -> None:
+    assert answered_outcome(status) is outcome
+
+
+@pytest.mark.parametrize(
+    ("err", "expected"),
+    [
+        (TeacherConnectionError("refused"), True),
+        (TeacherDNSError("no such host"), True),
+        (TeacherTimeout("late"), True),
+        (TeacherHTTPError("HTTP 502", status=502), True),
+        (TeacherHTTPError("HTTP 504", status=504), True),
+        (TeacherHTTPError("HTTP 500", status=500), False),
+        (TeacherHTTPError("HTTP 429", status=429), False),
+        (MalformedResponse("not JSON", status=200), False),
+    ],
+    ids=repr,
+)
+def test_which_failures_say_the_server_is_not_there(err: RetryableError, expected: bool) -> None:
+    assert unreachable(err) is expected
 
 
 class FakeEndpoint:
