@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from engine.config import ENV_KEYS
 from engine.pipeline.stats import Stats
@@ -42,3 +43,17 @@ async def sim() -> AsyncIterator[RunningSimulator]:
     """The project's simulated teacher with its defaults, on a free port of 127.0.0.1."""
     async with running_simulator() as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority (trustme), for local HTTPS servers and CA bundles."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    """``ca``'s certificate as a PEM file: a private CA bundle."""
+    path = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path

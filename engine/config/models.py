@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.teacher.network import ca_bundle_problem
+from engine.config.certificates import ca_bundle_problem
 
 GenType = Literal["extractive_summary", "detailed_summary", "key_facts_to_qa", "document_based_qa"]
 GEN_TYPES: tuple[GenType, ...] = (

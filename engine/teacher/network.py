@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
+from engine.config.certificates import ca_bundle_problem
 from engine.errors import (
     ConfigError,
     EngineError,
@@ -152,24 +153,6 @@ def tls_context(ca_bundle: str = "") -> ssl.SSLContext:
             raise ConfigError([f"teacher.ca_bundle: {problem}"])
         context.load_verify_locations(cafile=ca_bundle)
     return context
-
-
-def ca_bundle_problem(path: str) -> str | None:
-    """Why ``path`` is not a usable PEM bundle of CA certificates, or None."""
-    try:
-        ssl.create_default_context().load_verify_locations(cafile=path)
-    except FileNotFoundError:
-        return f"no such file: {path}"
-    except IsADirectoryError:
-        return f"{path} is a directory; give the PEM file of the CA certificates"
-    except ssl.SSLError:  # an OSError too: first
-        return (
-            f"{path} holds no PEM certificate (a CA bundle is one or more "
-            "'-----BEGIN CERTIFICATE-----' blocks)"
-        )
-    except OSError as err:
-        return f"cannot read {path}: {err.strerror or err}"
-    return None
 
 
 def cert_env_problems(environ: Mapping[str, str] | None = None) -> list[str]:
