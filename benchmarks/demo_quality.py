@@ -235,7 +235,7 @@ def main() -> None:
         started = time.monotonic()
         stats = asyncio.run(generate(model, out))
         print(
-            f"{model.alias}: {stats.requests_sent} requests, {sum(stats.records.values())} "
+            f"{model.alias}: {stats.teacher.requests_sent} requests, {sum(stats.records.values())} "
             f"records, {sum(stats.failures.values())} failed items, "
             f"{time.monotonic() - started:.0f} s"
         )

@@ -88,7 +88,7 @@ def main() -> None:
         f"wall {wall:.1f}s; CPU busy: engine {client_cpu / wall:.0%}, "
         f"simulator {server_cpu / wall:.0%} (of one core each; {os.cpu_count()} cores)"
     )
-    rate = stats.requests_sent / wall
+    rate = stats.teacher.requests_sent / wall
     verdict("requests/s", rate, f">= {TARGET:,.0f}", rate >= TARGET, fmt=",.0f")
     if profiler is not None:
         print("top engine hotspots (tottime):")

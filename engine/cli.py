@@ -275,7 +275,10 @@ def _probe(config: Config) -> int:
     try:
         findings = asyncio.run(probe_teacher(config, stats))
     except FatalRunError as err:
-        print(f"teacher check failed ({stats.preflight_requests} requests): {err}")
+        print(f"teacher check failed ({stats.teacher.preflight_requests} requests): {err}")
         return EXIT_FATAL
-    print(f"teacher OK ({stats.preflight_requests} requests): " + "; ".join(findings.summary()))
+    print(
+        f"teacher OK ({stats.teacher.preflight_requests} requests): "
+        + "; ".join(findings.summary())
+    )
     return EXIT_OK

@@ -41,11 +41,11 @@ async def test_all_four_types_in_every_structured_mode(tmp_path: Path, mode: str
         sent = len(pipeline_requests(sim))
         probes = sim.state.total_requests - sent
     assert_complete_output(tmp_path)
-    assert sent == stats.requests_sent == seed_count() * REQUESTS_PER_DOC
+    assert sent == stats.teacher.requests_sent == seed_count() * REQUESTS_PER_DOC
     assert formats == ({None} if mode == "text" else {mode})
     assert sum(stats.failures.values()) == 0
     # The preflight: GET /models, a minimal request, the run's shape, the largest max_tokens.
-    assert (stats.preflight_requests, probes) == (4, 3)
+    assert (stats.teacher.preflight_requests, probes) == (4, 3)
 
 
 async def test_without_n_support_each_summary_is_its_own_request(tmp_path: Path) -> None:

@@ -429,7 +429,7 @@ async def test_plan_predicts_the_requests_a_run_sends(
         for part in plan.stages[gen_type].values()
     }
     assert predicted == {stage: (len(ns), sum(ns)) for stage, ns in received.items()}
-    assert plan.total().requests == stats.requests_sent
+    assert plan.total().requests == stats.teacher.requests_sent
 
 
 # --- the command line ---------------------------------------------------------------------

@@ -69,6 +69,7 @@ def build(
     # scaled up, and reads like a broken cap: not given.
     minutes = wall / 60 if wall >= MIN_RATE_SPAN_S else None
     ended = time.time() if now is None else now
+    teacher = stats.teacher  # what the teacher client sent and got
     report: dict[str, Any] = {
         "engine_version": __version__,
         "exit": {
@@ -101,27 +102,27 @@ def build(
             "rejects_file": str(out / REJECTS_FILE),
         },
         "requests": {
-            "sent": stats.requests_sent,
-            "retried": stats.retries.total(),
-            "retries_by_reason": dict(sorted(stats.retries.items())),
-            "from_cache": stats.cached,
+            "sent": teacher.requests_sent,
+            "retried": teacher.retries.total(),
+            "retries_by_reason": dict(sorted(teacher.retries.items())),
+            "from_cache": teacher.cache_hits,
         },
         "failed_items_by_kind": dict(sorted(stats.failures.items())),
         "lost_items": _lost_items(stats),
         "preflight": {
             # None: skipped (--no-preflight).
-            "requests": stats.preflight_requests if stats.preflight_ran else None,
+            "requests": teacher.preflight_requests if stats.preflight_ran else None,
             "adapted": list(stats.adapted),
         },
         "tokens": {
-            "prompt": stats.prompt_tokens,
-            "completion": stats.completion_tokens,
-            "total": stats.tokens,
+            "prompt": teacher.prompt_tokens,
+            "completion": teacher.completion_tokens,
+            "total": teacher.total_tokens,
         },
         "rates_per_minute": {
             # Over the whole run (wall_time_s); None when it lasted less than a minute.
-            "requests": None if minutes is None else round(stats.requests_sent / minutes, 1),
-            "tokens": None if minutes is None else round(stats.tokens / minutes, 1),
+            "requests": None if minutes is None else round(teacher.requests_sent / minutes, 1),
+            "tokens": None if minutes is None else round(teacher.total_tokens / minutes, 1),
             # None: no cap.
             "requests_cap": config.limits.requests_per_minute or None,
             "tokens_cap": config.limits.tokens_per_minute or None,

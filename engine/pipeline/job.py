@@ -173,7 +173,7 @@ async def probe_teacher(config: Config, stats: Stats) -> Findings:
 async def _probe(config: Config, stats: Stats) -> Findings:
     limits = config.limits
     limiter = RequestLimiter(limits.requests_per_minute, limits.max_concurrency)
-    async with HTTPTeacher(config.teacher, config.retry, limiter, stats) as teacher:
+    async with HTTPTeacher(config.teacher, config.retry, limiter, stats=stats.teacher) as teacher:
         return (await preflight_check(config, teacher, stats))[1]
 
 
@@ -216,7 +216,7 @@ async def _generate(
     replies = ResponseCache.open(cache_path(config)) if cache else None
     with replies if replies is not None else contextlib.nullcontext():
         async with HTTPTeacher(
-            config.teacher, config.retry, limiter, stats, cache=replies
+            config.teacher, config.retry, limiter, stats=stats.teacher, cache=replies
         ) as teacher:
             task = asyncio.current_task()
             assert task is not None

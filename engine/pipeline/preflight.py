@@ -83,7 +83,7 @@ async def check(config: Config, client: Prober, stats: Stats) -> tuple[Config, F
     changes = len(findings.adapted) + len(findings.notes)
     log.info(
         "preflight: the teacher answers (%d requests): %s",
-        stats.preflight_requests,
+        stats.teacher.preflight_requests,
         "; ".join([*findings.summary()[:1], f"{changes} finding(s) above"])
         if changes
         else "; ".join(findings.summary()),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.flows.quality import normalise, size
+from engine.teacher.stats import RequestStats
 
 
 @dataclass
@@ -58,17 +59,12 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
     # Wall-clock start, for the run report (``started`` is monotonic and means nothing outside).
     started_at: float = field(default_factory=time.time)
-    requests_sent: int = 0
-    # Requests of the preflight (engine.pipeline.preflight), before the run: not in requests_sent.
-    preflight_requests: int = 0
+    # What the run's teacher client sent and got (engine.teacher.stats): requests, retries,
+    # cache hits, tokens; the preflight's requests apart.
+    teacher: RequestStats = field(default_factory=RequestStats)
     preflight_ran: bool = False
     # What the preflight changed in the requests for this server, in words.
     adapted: list[str] = field(default_factory=list)
-    # Replies taken from the response cache: no request sent, no tokens spent.
-    cached: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    retries: Counter[str] = field(default_factory=Counter)
     # Failed items by kind (request_rejected, retries_exhausted, ...).
     failures: Counter[str] = field(default_factory=Counter)
     # Items lost by earlier runs in the units this run runs again, by reason ("kind: check"
@@ -130,24 +126,21 @@ class Stats:
             self.units_failed[gen_type] += 1
             self.items_failed[gen_type] += kinds.total()
 
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def summary(self) -> str:
         """One human line: what was written, failed and sent."""
+        requests = self.teacher
         return (
             f"units done {sum(self.units_done.values())} "
             f"(skipped as already done {sum(self.units_skipped.values())}), "
             f"records {sum(self.records.values())}, failed items {sum(self.failures.values())}, "
             f"judged out {sum(self.judged_out.values())}, rejected rows {self.rejects}, "
             f"replies rejected {self.replies_rejected}/{self.replies.total()}, "
-            f"requests {self.requests_sent} (retries {sum(self.retries.values())}), "
-            f"from cache {self.cached}, "
-            f"tokens in/out {self.prompt_tokens}/{self.completion_tokens}, "
+            f"requests {requests.requests_sent} (retries {requests.retries.total()}), "
+            f"from cache {requests.cache_hits}, "
+            f"tokens in/out {requests.prompt_tokens}/{requests.completion_tokens}, "
             f"{self.elapsed():.1f}s"
         )
 

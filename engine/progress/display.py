@@ -156,7 +156,7 @@ class Progress:
         self._clock = clock
         self._started = clock()
         self._window = RateWindow()
-        self._window.add(self._started, stats.requests_sent, stats.tokens)
+        self._window.add(self._started, stats.teacher.requests_sent, stats.teacher.total_tokens)
         self._next_line = self._started + interval_s
         self._display: Live | None = None
         self._restore_logging: Callable[[], None] = _nothing
@@ -167,7 +167,7 @@ class Progress:
         """The figures now (also adds a sample to the rate window)."""
         now = self._clock()
         stats = self.stats
-        self._window.add(now, stats.requests_sent, stats.tokens)
+        self._window.add(now, stats.teacher.requests_sent, stats.teacher.total_tokens)
         rates = self._window.per_minute()
         types = tuple(self._type_figures(t) for t in self.gen_types)
         elapsed = now - self._started
@@ -181,9 +181,9 @@ class Progress:
             tokens_per_minute=None if rates is None else rates[1],
             rpm_cap=self.limits.requests_per_minute,
             tpm_cap=self.limits.tokens_per_minute,
-            retries=dict(stats.retries),
+            retries=dict(stats.teacher.retries),
             failures=dict(stats.failures),
-            cached=stats.cached,
+            cached=stats.teacher.cache_hits,
             eta=_eta(types, elapsed),
             replies=stats.replies.total(),
             rejected=stats.replies_rejected,

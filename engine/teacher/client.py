@@ -37,7 +37,6 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
-from engine.pipeline.stats import Stats
 from engine.teacher.cache import ResponseCache, canonical_body, request_key
 from engine.teacher.endpoints import Endpoint, EndpointPool, Passage
 from engine.teacher.health import AttemptOutcome, answered_outcome, unreachable
@@ -53,7 +52,8 @@ from engine.teacher.network import (
     tls_failure,
 )
 from engine.teacher.protocol import ChatReply, ChatRequest, Choice, Usage, Wire
-from engine.teacher.retry import backoff, classify, retry_after
+from engine.teacher.retry import backoff, classify, retry_after, retry_reason
+from engine.teacher.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class HTTPTeacher:
         teacher: TeacherConfig,
         retry: RetryConfig,
         limiter: RequestLimiter,
-        stats: Stats,
         *,
+        stats: RequestStats | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         cache: ResponseCache | None = None,
@@ -86,7 +86,8 @@ class HTTPTeacher:
         self._config = teacher
         self._retry = retry
         self._limiter = limiter
-        self._stats = stats
+        # Its own counters, unless the run gives it the ones it reports.
+        self.stats = stats if stats is not None else RequestStats()
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._cache = cache
@@ -201,8 +202,8 @@ class HTTPTeacher:
                 attempts=attempt,
             ) from err
         # Outside the limiter's slot: a request backing off must not hold concurrency.
-        reason = _reason(err)
-        self._stats.retries[reason] += 1
+        reason = retry_reason(err)
+        self.stats.retries[reason] += 1
         delay = backoff(
             attempt,
             err.retry_after,
@@ -231,7 +232,7 @@ class HTTPTeacher:
             reply = self._parse(raw)
         except MalformedResponse:
             return None  # stored by a parser that accepted more: ask again, and store anew
-        self._stats.cached += 1
+        self.stats.cache_hits += 1
         return reply
 
     async def _attempt(self, token: object, body: bytes, budget: int) -> _Received:
@@ -249,7 +250,7 @@ class HTTPTeacher:
                         return await self._exchange(passage, lease, body)
                     except RetryableError as err:
                         if passage.endpoint.health.down and unreachable(err):
-                            self._stats.retries[_reason(err)] += 1
+                            self.stats.retries[retry_reason(err)] += 1
                             raise _EndpointDown from err
                         raise
             finally:
@@ -259,7 +260,7 @@ class HTTPTeacher:
     async def _exchange(self, passage: Passage, lease: Lease, body: bytes) -> _Received:
         """Send ``body`` to ``passage.endpoint``; the reply, or the engine error saying what
         went wrong. Reports the outcome to the endpoint's health and to the limiter."""
-        self._stats.requests_sent += 1
+        self.stats.requests_sent += 1
         try:
             status, headers, raw = await self._post(passage.endpoint.chat_url, body)
         except RetryableError:
@@ -291,9 +292,9 @@ class HTTPTeacher:
 
         Sent once, outside the limiter, the endpoint pool, the cache and the retries: the
         preflight wants to see what the server says, whatever it is. Never raises for what
-        the server or the network did; counted in ``Stats.preflight_requests``.
+        the server or the network did; counted in ``stats.preflight_requests``.
         """
-        self._stats.preflight_requests += 1
+        self.stats.preflight_requests += 1
         body = None if payload is None else orjson.dumps(payload)
         try:
             status, headers, raw = await self._send("POST" if body else "GET", url, body)
@@ -367,8 +368,8 @@ class HTTPTeacher:
         decision = classify(status)
         if decision == "ok":
             reply = self._parse(raw)
-            self._stats.prompt_tokens += reply.usage.prompt_tokens
-            self._stats.completion_tokens += reply.usage.completion_tokens
+            self.stats.prompt_tokens += reply.usage.prompt_tokens
+            self.stats.completion_tokens += reply.usage.completion_tokens
             return reply
         if decision == "auth":
             raise AuthError(endpoint.url, status)
@@ -475,10 +476,6 @@ class _Received:
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
-
-
-def _reason(err: RetryableError) -> str:
-    return str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
 
 
 # Where servers put the reasoning they set apart: vLLM has used both names across releases.

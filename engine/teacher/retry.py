@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC
 from typing import Literal
 
+from engine.errors import RetryableError, TeacherHTTPError
+
 Decision = Literal["ok", "retry", "reject", "auth", "redirect"]
 
 # Statuses worth sending again as they are (the same set the OpenAI SDK retries, plus 5xx).
@@ -83,6 +85,13 @@ def backoff(
     # The exponent is bounded so a large attempt number cannot overflow the float.
     ceiling = min(cap, base * 2.0 ** min(attempt - 1, 64))
     return uniform() * ceiling
+
+
+def retry_reason(err: RetryableError) -> str:
+    """The reason a failed attempt is counted under: its HTTP status (``"503"``) for an
+    HTTP error, else its kind (``"timeout"``, ``"connection"``, ``"dns"``,
+    ``"malformed_response"``)."""
+    return str(err.status) if isinstance(err, TeacherHTTPError) else err.kind
 
 
 def _seconds(value: str | None) -> float | None:

@@ -369,10 +369,10 @@ async def test_real_embedded_teacher_end_to_end(
     # The run report names the teacher actually used, not the empty configured one.
     assert stats.teacher_model == MODEL_ALIAS
     ((url, used),) = stats.endpoints.items()
-    assert url.startswith("http://127.0.0.1:") and used["requests"] == stats.requests_sent
+    assert url.startswith("http://127.0.0.1:") and used["requests"] == stats.teacher.requests_sent
     assert "embedded teacher ready" in caplog.text
     # The demo teacher went through the same preflight as any endpoint, and passed as it is.
-    assert stats.preflight_ran and stats.preflight_requests >= 3
+    assert stats.preflight_ran and stats.teacher.preflight_requests >= 3
     assert stats.adapted == []
     assert "preflight: the teacher answers" in caplog.text
     assert not [p for p in _children() if "engine.embedded.server" in p]

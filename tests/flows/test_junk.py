@@ -377,7 +377,7 @@ async def test_junk_over_http_is_rejected_counted_and_asked_again(tmp_path: Path
     rejected = {stage: counts for stage, counts in run.stats.rejected.items() if counts}
     assert rejected == expected
     # Every rejection cost exactly one more request; the output is complete and clean.
-    assert run.stats.requests_sent == TOTAL + sum(c.total() for c in expected.values())
+    assert run.stats.teacher.requests_sent == TOTAL + sum(c.total() for c in expected.values())
     assert_complete_output(tmp_path)
     junk = {"]", "][", "{{}}", "{{JSON }}", "questions", "Answer", INSTRUCTION, "Is it an echo?",
             "What is fixed?", *(s["icl_query_1"] for s in SEEDS)}  # fmt: skip

@@ -27,6 +27,7 @@ from engine.output import report
 from engine.output.report import Outcome
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
+from engine.teacher.stats import RequestStats
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.support import faults
 from tests.support.cli import (
@@ -335,7 +336,9 @@ def short_run_report(tmp_path: Path, seconds: float) -> dict[str, Any]:
         environ={"TEACHER_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "TEACHER_MODEL_NAME": "m"},
         dotenv_path=tmp_path,
     )
-    stats = Stats(requests_sent=150, prompt_tokens=6000, completion_tokens=3000)
+    stats = Stats(
+        teacher=RequestStats(requests_sent=150, prompt_tokens=6000, completion_tokens=3000)
+    )
     stats.started = time.monotonic() - seconds
     return report.build(config, stats, Outcome(0, "done", "every unit finished"), {})
 

@@ -87,8 +87,8 @@ def assert_types_complete(out: Path, *gen_types: str) -> None:
 def assert_recovered(run: Run, out: Path, retries: Counter[str]) -> None:
     """Transient faults only: each cost one retry, counted by reason on both sides, and the
     output is complete with nothing failed."""
-    assert run.stats.retries == retries
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + retries.total()
+    assert run.stats.teacher.retries == retries
+    assert run.stats.teacher.requests_sent == run.server.total_requests == TOTAL + retries.total()
     assert sum(run.stats.failures.values()) == 0
     assert_one_clean_retry_each(run)
     assert_complete_output(out)
@@ -198,8 +198,8 @@ async def test_a_hung_request_times_out_without_stalling_the_rest(tmp_path: Path
 
     run = await faulted_run(tmp_path, plan, "teacher.timeout_s=0.3", release=hang.release)
     assert len(run.injector.injected) == hung
-    assert run.stats.retries == Counter({"timeout": hung})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + hung
+    assert run.stats.teacher.retries == Counter({"timeout": hung})
+    assert run.stats.teacher.requests_sent == run.server.total_requests == TOTAL + hung
     assert sum(run.stats.failures.values()) == 0
     # Waiting out even one hang would take 2 s; the hangs run alongside everything else.
     assert run.elapsed < hang.seconds
@@ -228,9 +228,9 @@ async def test_persistent_400_loses_only_that_stage_without_retry(tmp_path: Path
     assert run.injector.statuses() == {400: lost}
     assert all(seen.attempt == 1 for seen, _ in run.injector.injected)  # no retry
     assert len({seen.key for seen, _ in run.injector.injected}) == lost
-    assert run.stats.retries == Counter()
+    assert run.stats.teacher.retries == Counter()
     assert run.stats.failures == Counter({"request_rejected": lost})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL
+    assert run.stats.teacher.requests_sent == run.server.total_requests == TOTAL
 
     lines = failure_lines(tmp_path)
     assert len(lines) == lost
@@ -271,9 +271,9 @@ async def test_persistent_500_uses_every_attempt_then_logs_the_item(tmp_path: Pa
     attempts = run.injector.attempts(doomed[0])
     assert [a.attempt for a in attempts] == list(range(1, MAX_ATTEMPTS + 1))
     assert [run.server.requests[a.seq].status for a in attempts] == [500] * MAX_ATTEMPTS
-    assert run.stats.retries == Counter({"500": MAX_ATTEMPTS - 1})
+    assert run.stats.teacher.retries == Counter({"500": MAX_ATTEMPTS - 1})
     assert run.stats.failures == Counter({"retries_exhausted": 1})
-    assert run.stats.requests_sent == run.server.total_requests == TOTAL + MAX_ATTEMPTS - 1
+    assert run.stats.teacher.requests_sent == run.server.total_requests == TOTAL + MAX_ATTEMPTS - 1
 
     [line] = failure_lines(tmp_path)
     assert line["kind"] == "retries_exhausted"
@@ -341,7 +341,7 @@ async def test_401_stops_the_run_at_once_without_failures(tmp_path: Path) -> Non
     assert 1 <= sim.state.total_requests <= seed_count() * len(EXPECTED_PER_DOC)
     assert {log.status for log in sim.state.requests} == {401}
     # At once: nothing retried (no back-off waited out), no item recorded as lost.
-    assert stats.retries == Counter()
+    assert stats.teacher.retries == Counter()
     assert stats.failures == Counter()
     assert failure_lines(tmp_path) == []
     assert (tmp_path / "progress.jsonl").read_bytes() == b""
@@ -383,7 +383,7 @@ async def test_the_key_is_never_written_or_logged(
     run = await faulted_run(tmp_path, plan, server_key=KEY, key=KEY)
     assert run.server.total_requests > TOTAL
     assert {log.status for log in run.server.requests} <= {200, 400, 429, 503}  # never a 401
-    assert set(run.stats.retries) == {"503", "429", "connection", "malformed_response"}
+    assert set(run.stats.teacher.retries) == {"503", "429", "connection", "malformed_response"}
     assert run.stats.failures == Counter({"request_rejected": 1})
     assert KEY not in caplog.text
     for record in caplog.records:

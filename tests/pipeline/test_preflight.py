@@ -192,7 +192,7 @@ async def test_a_healthy_teacher_passes_in_four_requests(tmp_path: Path) -> None
         "every request feature the run uses is accepted",
     ]
     # /models, a minimal request, the run's shape; the context came from /models.
-    assert stats.preflight_requests == len(http) == 3
+    assert stats.teacher.preflight_requests == len(http) == 3
     assert [(m, p) for m, p, _s in http] == [
         ("GET", "/v1/models"),
         ("POST", "/v1/chat/completions"),
@@ -209,7 +209,7 @@ async def test_an_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
     assert "check TEACHER_MODEL_BASE_URL (host and port) and that the server is running" in str(
         found
     )
-    assert stats.preflight_requests == 1
+    assert stats.teacher.preflight_requests == 1
 
 
 async def test_a_base_url_without_v1_names_the_url_that_works(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ async def test_a_base_url_without_v1_names_the_url_that_works(tmp_path: Path) ->
         found, stats = await probe(sim_config(sim, tmp_path, base=bare))
     assert isinstance(found, PreflightFailed)
     assert str(found).endswith(f"TEACHER_MODEL_BASE_URL should end in /v1: use {sim.base_url}")
-    assert stats.preflight_requests == 3  # /models, the chat path, the chat path with /v1
+    assert stats.teacher.preflight_requests == 3  # /models, the chat path, the chat path with /v1
 
 
 async def test_a_pasted_chat_completions_url_names_the_base(tmp_path: Path) -> None:
@@ -235,7 +235,7 @@ async def test_a_model_not_served_lists_what_is(tmp_path: Path) -> None:
     assert isinstance(found, PreflightFailed)
     assert f"the teacher at {sim.base_url} does not serve the model 'sim-teacher'" in str(found)
     assert "it serves: served-model: set TEACHER_MODEL_NAME to one of them" in str(found)
-    assert stats.preflight_requests == 2
+    assert stats.teacher.preflight_requests == 2
 
 
 @pytest.mark.parametrize("reported", [True, False], ids=["in_models", "from_the_error"])
@@ -255,7 +255,7 @@ async def test_max_tokens_over_the_context_names_each_key(tmp_path: Path, report
         assert f"generation.{gen_type}.max_tokens = 2048 (its prompt alone is about " in text
     assert "qa_max_tokens" not in text  # 1024 fits
     assert ("/v1/models" in text) == reported
-    assert stats.preflight_requests == (3 if reported else 4)
+    assert stats.teacher.preflight_requests == (3 if reported else 4)
 
 
 def refuses(
@@ -381,7 +381,7 @@ async def test_a_redirect_is_reported_with_the_final_url(tmp_path: Path) -> None
         found, stats = await probe(sim_config(sim, tmp_path, base=old))
         assert sim.state.http == []
     assert isinstance(found, Redirected)
-    assert seen == ["GET /v1/models"] and stats.preflight_requests == 1
+    assert seen == ["GET /v1/models"] and stats.teacher.preflight_requests == 1
     assert f"set TEACHER_MODEL_BASE_URL to the final URL, {sim.base_url}" in str(found)
 
 
@@ -390,7 +390,7 @@ async def test_rejected_credentials_stop_at_the_first_probe(tmp_path: Path) -> N
         found, stats = await probe(sim_config(sim, tmp_path, 'teacher.api_key="sk-wrong-key"'))
     assert isinstance(found, AuthError) and "HTTP 401" in str(found)
     assert "sk-wrong-key" not in str(found)
-    assert stats.preflight_requests == 1
+    assert stats.teacher.preflight_requests == 1
 
 
 async def test_a_login_page_with_status_200_is_named(tmp_path: Path) -> None:
@@ -411,7 +411,8 @@ async def test_a_busy_server_is_asked_again_not_failed(tmp_path: Path) -> None:
     async with running_simulator(SimulatorConfig(fault=FaultInjector(plan))) as sim:
         found, stats = await probe(sim_config(sim, tmp_path, "retry.backoff_base_s=0.01"))
     assert isinstance(found, Findings), found
-    assert stats.preflight_requests == 6  # /models, the minimal request 3 times, shape, context
+    # /models, the minimal request 3 times, shape, context
+    assert stats.teacher.preflight_requests == 6
 
 
 async def test_a_dead_replica_is_noted_and_the_others_carry_on(tmp_path: Path) -> None:
@@ -478,7 +479,7 @@ async def test_no_preflight_sends_no_probe(tmp_path: Path) -> None:
         assert chat_probes(sim) == 0 and not any(
             p.endswith("/models") for _m, p, _s in sim.state.http
         )
-    assert (stats.preflight_ran, stats.preflight_requests) == (False, 0)
+    assert (stats.preflight_ran, stats.teacher.preflight_requests) == (False, 0)
     assert "preflight" not in orjson.dumps(stats.adapted).decode()
 
 

@@ -69,11 +69,11 @@ def progress_for(
 def busy(stats: Stats) -> None:
     """A run 30 s in: 7 units done, 60 requests and 30,000 tokens sent, some retries."""
     stats.units_done.update({"extractive_summary": 3, "document_based_qa": 4})
-    stats.requests_sent = 60
-    stats.prompt_tokens, stats.completion_tokens = 20_000, 10_000
-    stats.retries.update({"429": 2, "timeout": 1})
+    stats.teacher.requests_sent = 60
+    stats.teacher.prompt_tokens, stats.teacher.completion_tokens = 20_000, 10_000
+    stats.teacher.retries.update({"429": 2, "timeout": 1})
     stats.failures.update({"request_rejected": 1})
-    stats.cached = 4
+    stats.teacher.cache_hits = 4
     # 80 reply choices: 76 accepted, 4 rejected by the checks.
     for _ in range(76):
         stats.count_reply("document_based_qa/answer")
@@ -187,7 +187,7 @@ def test_plain_lines_come_every_interval_with_the_figures(
             busy(stats)
             await asyncio.sleep(59)  # t=89
             stats.units_done["detailed_summary"] += 1
-            stats.requests_sent += 60
+            stats.teacher.requests_sent += 60
             await asyncio.sleep(61.5)  # t=150.5: past the second line, short of a third
 
     with caplog.at_level(logging.INFO, logger="engine.progress.display"):

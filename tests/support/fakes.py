@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine.config import Config, RetryConfig, TeacherConfig
-from engine.pipeline.stats import Stats
 from engine.seeds import SeedRow, doc_id_for
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatReply, ChatRequest, Choice
+from engine.teacher.stats import RequestStats
 
 Script = Callable[[ChatRequest], ChatReply | Awaitable[ChatReply | None] | None]
 _SCHEMA_MARKERS = re.compile(r"<schema>\n?(.*?)\n?</schema>", re.DOTALL)
@@ -150,9 +150,9 @@ def make_teacher(
     base_url: str | list[str] = "http://teacher.test/v1",
     concurrency: int = 32,
     **retry: float,
-) -> tuple[HTTPTeacher, Stats]:
+) -> tuple[HTTPTeacher, RequestStats]:
     """A real client whose HTTP exchange is ``post``."""
-    stats = Stats()
+    stats = RequestStats()
     config = RetryConfig.model_validate(
         {
             "max_attempts": 4,
@@ -169,7 +169,7 @@ def make_teacher(
         TeacherConfig(base_url=base_url, model="m"),
         config,
         RequestLimiter(requests_per_minute=1_000_000, max_concurrency=concurrency),
-        stats,
+        stats=stats,
     )
     teacher._post = post  # type: ignore[method-assign]  # the HTTP exchange, faked
     return teacher, stats

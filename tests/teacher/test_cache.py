@@ -18,6 +18,7 @@ from engine.teacher.cache import ResponseCache, canonical_body, request_key
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatRequest, Message
+from engine.teacher.stats import RequestStats
 from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests.support.cli import (
     DEFAULT_TOML,
@@ -159,13 +160,13 @@ def test_discard_forgets_pending_and_committed_entries(tmp_path: Path) -> None:
 
 async def test_a_forgotten_reply_is_asked_for_again(tmp_path: Path, sim: RunningSimulator) -> None:
     with ResponseCache.open(tmp_path / "cache.sqlite") as cache:
-        stats = Stats()
+        stats = RequestStats()
         async with teacher_for(sim.base_url, stats, cache) as teacher:
             await teacher.complete(REQUEST)
             teacher.forget(REQUEST)  # e.g. its reply did not validate
             await teacher.complete(REQUEST)
             await teacher.complete(REQUEST)
-    assert (stats.requests_sent, stats.cached) == (2, 1)
+    assert (stats.requests_sent, stats.cache_hits) == (2, 1)
 
 
 def test_puts_are_committed_in_batches(tmp_path: Path) -> None:
@@ -269,7 +270,7 @@ def test_a_failure_that_is_not_damage_leaves_the_file_alone(tmp_path: Path) -> N
 
 
 def teacher_for(
-    base_url: str, stats: Stats, cache: ResponseCache, attempts: int = 4
+    base_url: str, stats: RequestStats, cache: ResponseCache, attempts: int = 4
 ) -> HTTPTeacher:
     async def no_sleep(_delay: float) -> None:
         pass
@@ -278,7 +279,7 @@ def teacher_for(
         TeacherConfig(base_url=base_url, model="sim-teacher"),
         RetryConfig(max_attempts=attempts),
         RequestLimiter(requests_per_minute=100_000, max_concurrency=4),
-        stats,
+        stats=stats,
         sleep=no_sleep,
         cache=cache,
     )
@@ -297,7 +298,7 @@ async def test_only_valid_replies_are_stored(tmp_path: Path) -> None:
         return None
 
     path = tmp_path / "cache.sqlite"
-    stats = Stats()
+    stats = RequestStats()
     async with running_simulator(SimulatorConfig(fault=fault)) as sim:
         with ResponseCache.open(path) as cache:
             async with teacher_for(sim.base_url, stats, cache) as teacher:
@@ -311,7 +312,7 @@ async def test_only_valid_replies_are_stored(tmp_path: Path) -> None:
                     await teacher.complete(rejected)
             assert sim.state.total_requests == stats.requests_sent == 5
     assert again == first
-    assert stats.cached == 1
+    assert stats.cache_hits == 1
     assert stored_count(path) == 1
     with ResponseCache.open(path) as cache:
         stored = cache.get(key_of(REQUEST, "sim-teacher"))
@@ -322,16 +323,16 @@ async def test_a_hit_sends_nothing_and_is_shared_across_endpoints(tmp_path: Path
     path = tmp_path / "cache.sqlite"
     async with running_simulator() as sim:
         with ResponseCache.open(path) as cache:
-            async with teacher_for(sim.base_url, Stats(), cache) as teacher:
+            async with teacher_for(sim.base_url, RequestStats(), cache) as teacher:
                 first = await teacher.complete(REQUEST)
-    stats = Stats()
+    stats = RequestStats()
     # Another replica (here: nothing listens at all) with the same model.
     with ResponseCache.open(path) as cache:
         async with teacher_for("http://127.0.0.1:9/v1", stats, cache, attempts=1) as teacher:
             assert await teacher.complete(REQUEST) == first
             with pytest.raises(RetriesExhausted):
                 await teacher.complete(dataclasses.replace(REQUEST, n=3))
-    assert (stats.cached, stats.requests_sent) == (1, 1)
+    assert (stats.cache_hits, stats.requests_sent) == (1, 1)
     assert (stats.prompt_tokens, stats.completion_tokens) == (0, 0)
 
 
@@ -356,7 +357,7 @@ async def test_a_repeated_run_is_answered_from_the_cache(tmp_path: Path) -> None
         async with asyncio.timeout(10):
             await run_job(slow, stats, preflight=False)
         assert sim.state.total_requests == TOTAL
-    assert (stats.requests_sent, stats.cached) == (0, TOTAL)
+    assert (stats.teacher.requests_sent, stats.teacher.cache_hits) == (0, TOTAL)
     assert "from cache" in stats.summary()
     assert_complete_output(second)
     for gen_type in EXPECTED_PER_DOC:
@@ -376,7 +377,7 @@ async def test_the_default_cache_lives_in_the_output_directory(
     await run_job(config, stats, preflight=False)
     assert sim.state.total_requests == TOTAL
     assert stored_count(tmp_path / "cache.sqlite") == TOTAL
-    assert (stats.requests_sent, stats.cached) == (0, TOTAL)
+    assert (stats.teacher.requests_sent, stats.teacher.cache_hits) == (0, TOTAL)
     assert_complete_output(tmp_path)
 
 
@@ -392,7 +393,7 @@ async def test_without_the_cache_every_request_is_sent_again(tmp_path: Path) -> 
         config = config_for(sim.base_url, tmp_path / "b", f'output.cache="{shared}"')
         await run_job(config, stats, cache=False, preflight=False)
         assert sim.state.total_requests == 2 * TOTAL
-    assert (stats.requests_sent, stats.cached) == (TOTAL, 0)
+    assert (stats.teacher.requests_sent, stats.teacher.cache_hits) == (TOTAL, 0)
     assert_complete_output(tmp_path / "b")
 
 

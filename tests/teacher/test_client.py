@@ -26,11 +26,11 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
-from engine.pipeline.stats import Stats
 from engine.teacher.client import HTTPTeacher, redirected
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatRequest, Message
 from engine.teacher.retry import backoff
+from engine.teacher.stats import RequestStats
 
 KEY = "sk-secret-123"
 BASE = "http://teacher.test/v1"
@@ -81,6 +81,12 @@ async def _no_quiet(seconds: float) -> None:
 
 
 @pytest.fixture
+def stats() -> RequestStats:
+    """The client's counters, empty."""
+    return RequestStats()
+
+
+@pytest.fixture
 def limiter() -> RequestLimiter:
     return RequestLimiter(requests_per_minute=100000, max_concurrency=4, sleep=_no_quiet)
 
@@ -117,11 +123,11 @@ async def client(
     teacher_config: TeacherConfig,
     retry_config: RetryConfig,
     limiter: RequestLimiter,
-    stats: Stats,
+    stats: RequestStats,
     sleep: RecordingSleep,
 ) -> AsyncIterator[HTTPTeacher]:
     teacher = HTTPTeacher(
-        teacher_config, retry_config, limiter, stats, sleep=sleep, rng=random.Random(SEED)
+        teacher_config, retry_config, limiter, stats=stats, sleep=sleep, rng=random.Random(SEED)
     )
     async with teacher:
         yield teacher
@@ -256,12 +262,12 @@ async def test_sends_the_payload_and_the_bearer_key(
 
 
 async def test_no_authorization_header_without_a_key(
-    mocked: aioresponses, limiter: RequestLimiter, stats: Stats, sleep: RecordingSleep
+    mocked: aioresponses, limiter: RequestLimiter, stats: RequestStats, sleep: RecordingSleep
 ) -> None:
     mocked.post(ENDPOINT, payload=reply())
     config = TeacherConfig(base_url=BASE, model="m")
 
-    async with HTTPTeacher(config, RetryConfig(), limiter, stats, sleep=sleep) as teacher:
+    async with HTTPTeacher(config, RetryConfig(), limiter, stats=stats, sleep=sleep) as teacher:
         await teacher.complete(REQUEST)
 
     (call,) = sent(mocked)
@@ -269,22 +275,22 @@ async def test_no_authorization_header_without_a_key(
 
 
 async def test_trailing_slash_in_base_url(
-    mocked: aioresponses, limiter: RequestLimiter, stats: Stats, sleep: RecordingSleep
+    mocked: aioresponses, limiter: RequestLimiter, stats: RequestStats, sleep: RecordingSleep
 ) -> None:
     mocked.post(ENDPOINT, payload=reply())
     config = TeacherConfig(base_url=BASE + "/", model="m")
 
-    async with HTTPTeacher(config, RetryConfig(), limiter, stats, sleep=sleep) as teacher:
+    async with HTTPTeacher(config, RetryConfig(), limiter, stats=stats, sleep=sleep) as teacher:
         await teacher.complete(REQUEST)
 
     assert len(sent(mocked)) == 1
 
 
 async def test_session_is_sized_to_the_limiter_and_closed_on_exit(
-    teacher_config: TeacherConfig, stats: Stats
+    teacher_config: TeacherConfig, stats: RequestStats
 ) -> None:
     limiter = RequestLimiter(requests_per_minute=600, max_concurrency=300)
-    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats)
+    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats=stats)
     async with teacher:
         session = teacher._session
         assert session is not None
@@ -298,9 +304,9 @@ async def test_session_is_sized_to_the_limiter_and_closed_on_exit(
 
 
 async def test_complete_outside_the_context_manager_is_an_error(
-    teacher_config: TeacherConfig, limiter: RequestLimiter, stats: Stats
+    teacher_config: TeacherConfig, limiter: RequestLimiter, stats: RequestStats
 ) -> None:
-    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats)
+    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats=stats)
     with pytest.raises(RuntimeError, match="async with"):
         await teacher.complete(REQUEST)
 
@@ -366,12 +372,12 @@ async def test_token_cap_settles_the_reservation_from_usage(
     mocked: aioresponses,
     teacher_config: TeacherConfig,
     retry_config: RetryConfig,
-    stats: Stats,
+    stats: RequestStats,
 ) -> None:
     limiter = RequestLimiter(100_000, 4, tokens_per_minute=600_000)  # bucket: 5,000 tokens
     mocked.post(ENDPOINT, payload=reply("ok"))  # usage: 18 tokens
     request = ChatRequest(messages=(Message("user", "x" * 400),), max_tokens=1_000)
-    async with HTTPTeacher(teacher_config, retry_config, limiter, stats) as teacher:
+    async with HTTPTeacher(teacher_config, retry_config, limiter, stats=stats) as teacher:
         await teacher.complete(request)
     assert limiter.tokens is not None
     # Reserved 104 prompt + 1,000 completion tokens; 18 used: the rest is credit.
@@ -395,14 +401,14 @@ async def test_retry_after_is_capped(
     mocked: aioresponses,
     teacher_config: TeacherConfig,
     limiter: RequestLimiter,
-    stats: Stats,
+    stats: RequestStats,
     sleep: RecordingSleep,
 ) -> None:
     mocked.post(ENDPOINT, status=503, headers={"retry-after": "3600"})
     mocked.post(ENDPOINT, payload=reply())
     retry = RetryConfig(max_attempts=2, retry_after_max_s=5)
 
-    async with HTTPTeacher(teacher_config, retry, limiter, stats, sleep=sleep) as teacher:
+    async with HTTPTeacher(teacher_config, retry, limiter, stats=stats, sleep=sleep) as teacher:
         await teacher.complete(REQUEST)
 
     (delay,) = sleep.delays
@@ -449,7 +455,7 @@ async def test_connection_error_then_success(
     client: HTTPTeacher,
     mocked: aioresponses,
     sleep: RecordingSleep,
-    stats: Stats,
+    stats: RequestStats,
     exc: Exception,
 ) -> None:
     mocked.post(ENDPOINT, exception=exc)
@@ -466,7 +472,7 @@ async def test_connection_error_then_success(
     "exc", [TimeoutError(), aiohttp.ServerTimeoutError("read timed out")], ids=repr
 )
 async def test_timeout_then_success(
-    client: HTTPTeacher, mocked: aioresponses, stats: Stats, exc: Exception
+    client: HTTPTeacher, mocked: aioresponses, stats: RequestStats, exc: Exception
 ) -> None:
     mocked.post(ENDPOINT, exception=exc)
     mocked.post(ENDPOINT, payload=reply("late"))
@@ -488,7 +494,7 @@ async def test_timeout_then_success(
     ],
 )
 async def test_malformed_200_is_retried(
-    client: HTTPTeacher, mocked: aioresponses, stats: Stats, body: str
+    client: HTTPTeacher, mocked: aioresponses, stats: RequestStats, body: str
 ) -> None:
     mocked.post(ENDPOINT, status=200, body=body)
     mocked.post(ENDPOINT, payload=reply("fine"))
@@ -501,7 +507,7 @@ async def test_malformed_200_is_retried(
 
 
 async def test_retries_exhausted(
-    client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep, stats: Stats
+    client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep, stats: RequestStats
 ) -> None:
     mocked.post(ENDPOINT, status=503, body="still overloaded", repeat=True)
 
@@ -550,13 +556,13 @@ async def test_single_attempt_means_no_retry(
     mocked: aioresponses,
     teacher_config: TeacherConfig,
     limiter: RequestLimiter,
-    stats: Stats,
+    stats: RequestStats,
     sleep: RecordingSleep,
 ) -> None:
     mocked.post(ENDPOINT, exception=aiohttp.ServerDisconnectedError(), repeat=True)
     retry = RetryConfig(max_attempts=1)
 
-    async with HTTPTeacher(teacher_config, retry, limiter, stats, sleep=sleep) as teacher:
+    async with HTTPTeacher(teacher_config, retry, limiter, stats=stats, sleep=sleep) as teacher:
         with pytest.raises(RetriesExhausted) as info:
             await teacher.complete(REQUEST)
 
@@ -566,7 +572,7 @@ async def test_single_attempt_means_no_retry(
 
 
 async def test_stats_count_every_attempt_retry_and_token(
-    client: HTTPTeacher, mocked: aioresponses, stats: Stats
+    client: HTTPTeacher, mocked: aioresponses, stats: RequestStats
 ) -> None:
     mocked.post(ENDPOINT, status=429, headers={"retry-after": "1"})
     mocked.post(ENDPOINT, status=503)
@@ -606,7 +612,7 @@ async def test_rejected_request_is_not_retried(
     client: HTTPTeacher,
     mocked: aioresponses,
     sleep: RecordingSleep,
-    stats: Stats,
+    stats: RequestStats,
     status: int,
 ) -> None:
     error = '{"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}'
@@ -649,7 +655,7 @@ async def test_auth_failure_stops_at_once_without_the_key(
     client: HTTPTeacher,
     mocked: aioresponses,
     sleep: RecordingSleep,
-    stats: Stats,
+    stats: RequestStats,
     status: int,
 ) -> None:
     mocked.post(ENDPOINT, status=status, body=f'{{"error": "bad key {KEY[:5]}..."}}')
@@ -671,9 +677,9 @@ async def test_auth_failure_stops_at_once_without_the_key(
 
 
 def test_repr_shows_endpoint_and_model_but_not_the_key(
-    teacher_config: TeacherConfig, limiter: RequestLimiter, stats: Stats
+    teacher_config: TeacherConfig, limiter: RequestLimiter, stats: RequestStats
 ) -> None:
-    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats)
+    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats=stats)
     assert repr(teacher) == "<HTTPTeacher http://teacher.test/v1 model=m>"
     assert KEY not in repr(teacher)
     assert teacher.model == "m"
@@ -758,9 +764,11 @@ async def test_a_redirected_post_stops_the_run_and_is_never_resent(
     port = runner.addresses[0][1]
     base = f"http://127.0.0.1:{port}/v1"
     config = teacher_config.model_copy(update={"base_url": base})
-    stats = Stats()
+    stats = RequestStats()
     try:
-        async with HTTPTeacher(config, retry_config, RequestLimiter(600, 4), stats) as teacher:
+        async with HTTPTeacher(
+            config, retry_config, RequestLimiter(600, 4), stats=stats
+        ) as teacher:
             with pytest.raises(Redirected) as raised:
                 await teacher.complete(REQUEST)
             probed = await teacher.probe(base + "/models")

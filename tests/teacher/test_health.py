@@ -213,7 +213,7 @@ async def test_the_teacher_going_away_mid_run_loses_nothing(tmp_path: Path) -> N
             await asyncio.wait_for(job, timeout=30)
     assert_complete_output(tmp_path)
     assert sum(stats.failures.values()) == 0
-    assert stats.retries["connection"] > 0
+    assert stats.teacher.retries["connection"] > 0
 
 
 def test_waiting_out_an_outage_spends_no_rate_budget() -> None:

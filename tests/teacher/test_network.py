@@ -153,7 +153,7 @@ def test_the_client_repr_names_its_proxy_without_credentials(
     monkeypatch.setenv("HTTPS_PROXY", "http://me:proxy-password-0123@proxy.corp:3128")
     config = TeacherConfig(base_url="https://a.example/v1,http://localhost/v1", model="m")
     limiter = RequestLimiter(requests_per_minute=60, max_concurrency=1)
-    text = repr(HTTPTeacher(config, RetryConfig(), limiter, Stats()))
+    text = repr(HTTPTeacher(config, RetryConfig(), limiter))
     assert text == (
         "<HTTPTeacher https://a.example/v1, http://localhost/v1 model=m "
         "via http://proxy.corp:3128 (HTTPS_PROXY)>"
@@ -220,8 +220,8 @@ async def test_a_run_goes_through_the_proxy_when_only_the_proxy_can_reach_the_te
     assert_complete_output(tmp_path)
     # Every request went through the proxy: the run's and the preflight's (GET /models, and
     # its chat probes, which the simulator counts with the rest).
-    assert len(proxy.seen) == stats.requests_sent + stats.preflight_requests
-    assert len(pipeline_requests(sim)) == stats.requests_sent
+    assert len(proxy.seen) == stats.teacher.requests_sent + stats.teacher.preflight_requests
+    assert len(pipeline_requests(sim)) == stats.teacher.requests_sent
     base = f"http://{HIDDEN}:{sim.port}/v1"
     assert {(s.method, s.target) for s in proxy.seen} == {
         ("POST", f"{base}/chat/completions"),
@@ -249,7 +249,7 @@ async def test_https_goes_through_a_connect_tunnel_the_proxy_cannot_read(
         await run_job(config, stats)
         sent = len(pipeline_requests(sim))
     assert_complete_output(out)
-    assert sent == stats.requests_sent
+    assert sent == stats.teacher.requests_sent
     assert proxy.seen, "the proxy was not used"
     assert {s.method for s in proxy.seen} == {"CONNECT"}
     assert {s.target for s in proxy.seen} == {f"{HIDDEN}:{sim.port}"}
@@ -403,7 +403,7 @@ async def complete(
     """One request through ``HTTPTeacher``, with ``attempts`` attempts."""
     config = TeacherConfig(base_url=base_url, model="sim-teacher", api_key=KEY, ca_bundle=ca_bundle)
     retry = RetryConfig(max_attempts=attempts)
-    async with HTTPTeacher(config, retry, limiter, Stats()) as teacher:
+    async with HTTPTeacher(config, retry, limiter) as teacher:
         return await teacher.complete(REQUEST)
 
 
