@@ -29,9 +29,9 @@ from engine.flows import StageSettings, stage_settings, structured
 from engine.flows.structured import Mode, Summary
 from engine.pipeline.stats import Stats
 from engine.plan import stage_prompts
-from engine.teacher.client import ProbeReply, redirected
 from engine.teacher.protocol import ChatRequest, Message, Wire
 from engine.teacher.retry import backoff, retry_after
+from engine.teacher.wire import ProbeReply, redirected
 
 log = logging.getLogger(__name__)
 

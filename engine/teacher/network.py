@@ -1,8 +1,8 @@
 """How the teacher is reached: the proxy for each URL, the certificate authorities trusted,
 and what a failure to get through means.
 
-Decisions and messages only, from the environment and ``teacher.ca_bundle``; the client
-(``engine.teacher.client``) applies them and stays the only module that speaks aiohttp.
+Decisions and messages only, from the environment and ``teacher.ca_bundle``; the transport
+(``engine.teacher.transport``) applies them and stays the only module that speaks aiohttp.
 
 **Proxies**, read as curl and the OpenAI SDK read them: ``HTTPS_PROXY`` for https:// URLs,
 ``HTTP_PROXY`` for http:// ones, ``ALL_PROXY`` for either when the specific one is unset; the
@@ -81,6 +81,7 @@ class Proxy:
 
     @property
     def host(self) -> str:
+        """The proxy's host name or address, lowercase ("" if the URL has none)."""
         return urlsplit(self.url).hostname or ""
 
     def __repr__(self) -> str:
@@ -121,6 +122,56 @@ def proxies_for(urls: Iterable[str], environ: Mapping[str, str] | None = None) -
     if problems:
         raise ConfigError(problems)
     return found
+
+
+class Proxies:
+    """The proxy for each URL the client sends to, decided once per origin (scheme, host and
+    port), like NO_PROXY, from the environment (default ``os.environ``) as it is when first
+    asked.
+
+    The origins of ``urls`` (the teacher's base URLs) are decided at once: ``ConfigError``
+    listing every unusable proxy setting among them. Another origin (a preflight probe's) is
+    decided when first asked for, with the same error if its proxy is unusable.
+    """
+
+    def __init__(self, urls: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
+        urls = list(urls)
+        self._environ = environ
+        self._by_origin: dict[str, Proxy | None] = dict.fromkeys(map(origin, urls))
+        self._by_origin.update((origin(u), p) for u, p in proxies_for(urls, environ).items())
+        self._by_url: dict[str, Proxy | None] = {}
+
+    def for_url(self, url: str) -> Proxy | None:
+        """The proxy ``url`` goes through; None: it is reached directly."""
+        try:
+            return self._by_url[url]
+        except KeyError:
+            pass
+        key = origin(url)
+        if key not in self._by_origin:
+            self._by_origin[key] = proxy_for(url, self._environ)
+        proxy = self._by_url[url] = self._by_origin[key]
+        return proxy
+
+    @property
+    def in_use(self) -> list[Proxy]:
+        """The distinct proxies decided so far, in the order first met."""
+        found: dict[str, Proxy] = {}
+        for proxy in self._by_origin.values():
+            if proxy is not None:
+                found.setdefault(proxy.url, proxy)
+        return list(found.values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{p.public} ({p.variable})" for p in self.in_use) or "none"
+        return f"<Proxies {shown}>"
+
+
+def origin(url: str) -> str:
+    """``url``'s origin as ``scheme://host:port`` (lowercase, user info dropped): what a
+    proxy decision is made for."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def direct_why(url: str, environ: Mapping[str, str] | None = None) -> str:

@@ -32,7 +32,7 @@ from engine.pipeline.preflight import (
 )
 from engine.pipeline.stats import Stats
 from engine.plan import stage_prompts
-from engine.teacher.client import ProbeReply
+from engine.teacher.wire import ProbeReply
 from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests.support import faults
 from tests.support.cli import DEFAULT_TOML, engine_cli

@@ -1,10 +1,13 @@
-"""Shared test doubles: a scripted fake teacher, reply builders, seed rows.
+"""Shared test doubles: a scripted fake teacher, a fake transport, reply builders, seed rows.
 
 ``FakeTeacher(script)`` implements the ``Teacher`` protocol. ``script(request)`` returns a
 ``ChatReply`` (or an awaitable of one), raises to simulate a lost request, or returns None
 to get the default reply: a valid JSON instance of the request's schema (taken from
 ``response_format`` or from ``<schema>`` markers), one per choice asked, arrays filled to
 ``maxItems``, strings distinct across the whole fake's lifetime.
+
+``FakeTransport(exchange)`` implements the ``Transport`` under a real ``HTTPTeacher``
+(``make_teacher``): the client's routing, limiting and retries against scripted answers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatReply, ChatRequest, Choice
 from engine.teacher.stats import RequestStats
+from engine.teacher.transport import Response
 
 Script = Callable[[ChatRequest], ChatReply | Awaitable[ChatReply | None] | None]
 _SCHEMA_MARKERS = re.compile(r"<schema>\n?(.*?)\n?</schema>", re.DOTALL)
@@ -142,16 +146,39 @@ def last_user_text(request: ChatRequest) -> str:
     return request.messages[-1].content
 
 
-Post = Callable[[str, bytes], Awaitable[tuple[int, dict[str, str], bytes]]]
+Exchange = Callable[[str, bytes | None], Awaitable[Response]]
+
+
+class FakeTransport:
+    """A ``Transport`` whose every exchange is ``exchange(url, body)``: it returns the
+    ``Response`` or raises what a real transport raises (``TeacherConnectionError``,
+    ``TeacherTimeout``...). Records each request as (method, url, body) and counts closes."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.sent: list[tuple[str, str, bytes | None]] = []
+        self.closed = 0
+
+    async def send(self, method: str, url: str, body: bytes | None) -> Response:
+        self.sent.append((method, url, body))
+        return await self.exchange(url, body)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+    def __repr__(self) -> str:
+        return f"<FakeTransport sent={len(self.sent)} closed={self.closed}>"
 
 
 def make_teacher(
-    post: Post,
+    exchange: Exchange,
     base_url: str | list[str] = "http://teacher.test/v1",
     concurrency: int = 32,
+    limiter: RequestLimiter | None = None,
     **retry: float,
 ) -> tuple[HTTPTeacher, RequestStats]:
-    """A real client whose HTTP exchange is ``post``."""
+    """A real client over a ``FakeTransport`` of ``exchange`` (enter it before use), with a
+    limiter that never paces (``concurrency`` in flight) unless ``limiter`` is given."""
     stats = RequestStats()
     config = RetryConfig.model_validate(
         {
@@ -165,13 +192,15 @@ def make_teacher(
             **retry,
         }
     )
+    if limiter is None:
+        limiter = RequestLimiter(requests_per_minute=1_000_000, max_concurrency=concurrency)
     teacher = HTTPTeacher(
         TeacherConfig(base_url=base_url, model="m"),
         config,
-        RequestLimiter(requests_per_minute=1_000_000, max_concurrency=concurrency),
+        limiter,
         stats=stats,
+        transport=FakeTransport(exchange),
     )
-    teacher._post = post  # type: ignore[method-assign]  # the HTTP exchange, faked
     return teacher, stats
 
 

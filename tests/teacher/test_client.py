@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,7 +24,7 @@ from engine.errors import (
     TeacherHTTPError,
     TeacherTimeout,
 )
-from engine.teacher.client import HTTPTeacher, redirected
+from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatRequest, Message
 from engine.teacher.retry import backoff
@@ -96,27 +94,6 @@ def sleep(limiter: RequestLimiter) -> RecordingSleep:
     return RecordingSleep(limiter)
 
 
-class _MockResponse(aiohttp.ClientResponse):
-    """aioresponses 0.7.9 predates the ``stream_writer`` argument aiohttp 3.14 requires
-    (pnuckowski/aioresponses#289); it only reads the upload size, which a mock never has.
-    """
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-_NEEDS_STREAM_WRITER = "stream_writer" in inspect.signature(aiohttp.ClientResponse).parameters
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    if _NEEDS_STREAM_WRITER:
-        monkeypatch.setattr("aioresponses.core.ClientResponse", _MockResponse)
-    with aioresponses() as m:
-        yield m
-
-
 @pytest.fixture
 async def client(
     mocked: aioresponses,
@@ -149,67 +126,6 @@ def assert_no_key(err: BaseException) -> None:
 # --- success ---------------------------------------------------------------------------
 
 
-async def test_parses_a_reply_with_several_choices(
-    client: HTTPTeacher, mocked: aioresponses
-) -> None:
-    body = reply("one", None, "three")
-    body["choices"][0]["message"]["reasoning_content"] = "thought (older vLLM)"
-    body["choices"][1]["message"]["reasoning"] = "thought (newer vLLM)"
-    body["choices"][2]["finish_reason"] = "length"
-    mocked.post(ENDPOINT, payload=body)
-
-    got = await client.complete(REQUEST)
-
-    assert [c.content for c in got.choices] == ["one", "", "three"]
-    assert [c.reasoning for c in got.choices] == [
-        "thought (older vLLM)",
-        "thought (newer vLLM)",
-        None,
-    ]
-    assert [c.finish_reason for c in got.choices] == ["stop", "stop", "length"]
-    assert got.model == "m"
-    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (11, 7)
-
-
-async def test_reasoning_says_where_the_server_put_it(
-    client: HTTPTeacher, mocked: aioresponses
-) -> None:
-    body = reply("one", "two", "three")
-    body["choices"][0]["message"]["reasoning_content"] = "older"
-    body["choices"][1]["message"]["reasoning"] = "newer"
-    body["choices"][2]["message"]["reasoning_content"] = None  # vLLM sends null when none
-    mocked.post(ENDPOINT, payload=body)
-
-    got = await client.complete(REQUEST)
-
-    assert [(c.reasoning, c.reasoning_field) for c in got.choices][:2] == [
-        ("older", "reasoning_content"),
-        ("newer", "reasoning"),
-    ]
-    assert got.choices[2].reasoning is None
-
-
-async def test_content_blocks_with_thinking_are_read(
-    client: HTTPTeacher, mocked: aioresponses
-) -> None:
-    # Mistral's API for its reasoning models: content is a list of typed blocks.
-    blocks = [
-        {
-            "type": "thinking",
-            "thinking": [{"type": "text", "text": "Let me "}, {"type": "text", "text": "see."}],
-        },
-        {"type": "text", "text": '{"answer": '},
-        {"type": "reference", "reference_ids": [1]},
-        {"type": "text", "text": '"42"}'},
-    ]
-    mocked.post(ENDPOINT, payload=reply(blocks))
-
-    (choice,) = (await client.complete(REQUEST)).choices
-
-    assert (choice.content, choice.reasoning) == ('{"answer": "42"}', "Let me see.")
-    assert choice.reasoning_field == "thinking blocks of content"
-
-
 @pytest.mark.parametrize("content", [42, {"text": "x"}, ["x"]])
 async def test_content_that_is_not_text_is_malformed(
     client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep, content: object
@@ -217,16 +133,6 @@ async def test_content_that_is_not_text_is_malformed(
     mocked.post(ENDPOINT, payload=reply(content), repeat=True)
     with pytest.raises(RetriesExhausted, match="content is not text"):
         await client.complete(REQUEST)
-
-
-async def test_missing_usage_counts_as_zero(client: HTTPTeacher, mocked: aioresponses) -> None:
-    body = reply("x")
-    del body["usage"]
-    mocked.post(ENDPOINT, payload=body)
-
-    got = await client.complete(REQUEST)
-
-    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (0, 0)
 
 
 async def test_sends_the_payload_and_the_bearer_key(
@@ -284,23 +190,6 @@ async def test_trailing_slash_in_base_url(
         await teacher.complete(REQUEST)
 
     assert len(sent(mocked)) == 1
-
-
-async def test_session_is_sized_to_the_limiter_and_closed_on_exit(
-    teacher_config: TeacherConfig, stats: RequestStats
-) -> None:
-    limiter = RequestLimiter(requests_per_minute=600, max_concurrency=300)
-    teacher = HTTPTeacher(teacher_config, RetryConfig(), limiter, stats=stats)
-    async with teacher:
-        session = teacher._session
-        assert session is not None
-        # aiohttp's default of 100 connections would cap us below max_concurrency.
-        assert session.connector is not None
-        assert session.connector.limit == 308
-        assert session.connector.limit_per_host == 0
-        assert session.timeout.total == teacher_config.timeout_s
-        assert session.timeout.sock_connect == teacher_config.connect_timeout_s
-    assert session.closed
 
 
 async def test_complete_outside_the_context_manager_is_an_error(
@@ -708,38 +597,6 @@ async def test_key_never_appears_in_exhausted_errors(
 
 
 # --- redirects are never followed -----------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("location", "target", "suggestion"),
-    [
-        # http -> https, the same path: the base URL to use instead.
-        (
-            "https://teacher.test/v1/chat/completions",
-            "https://teacher.test/v1/chat/completions",
-            "https://teacher.test/v1",
-        ),
-        # Relative to the request, to another prefix.
-        (
-            "/api/v1/chat/completions",
-            "http://teacher.test/api/v1/chat/completions",
-            ("http://teacher.test/api/v1"),
-        ),
-        # Somewhere else entirely (a login page): the target, no base to suggest.
-        ("https://sso.test/login?next=x", "https://sso.test/login?next=x", ""),
-        ("", "", ""),
-    ],
-)
-def test_a_redirect_names_its_target_and_the_base_url_to_use(
-    location: str, target: str, suggestion: str
-) -> None:
-    headers = {"Location": location} if location else {}
-    err = redirected(BASE, ENDPOINT, 301, headers)
-    assert (err.location, err.suggestion) == (target, suggestion)
-    assert f"the teacher at {ENDPOINT} answered HTTP 301" in str(err)
-    assert "a POST would become a GET" in str(err)
-    if suggestion:
-        assert str(err).endswith(f"set TEACHER_MODEL_BASE_URL to the final URL, {suggestion}")
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])

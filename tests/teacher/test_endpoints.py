@@ -20,7 +20,9 @@ from engine.pipeline.stats import Stats
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.endpoints import EndpointPool
 from engine.teacher.health import AttemptOutcome
+from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatReply, ChatRequest, Message
+from engine.teacher.transport import Response
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.support.clock import run_virtual
 from tests.support.fakes import make_teacher as fake_http_teacher
@@ -41,7 +43,7 @@ class Replicas:
         self.sent_while_down: list[tuple[str, float, int]] = []  # url, time, in flight there
         self.in_flight: Counter[str] = Counter()
 
-    async def __call__(self, url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def __call__(self, url: str, body: bytes | None) -> Response:
         base = url.removesuffix("/chat/completions")
         now = asyncio.get_running_loop().time()
         self.sent[base] += 1
@@ -52,20 +54,23 @@ class Replicas:
                 await asyncio.sleep(0.01)
                 raise TeacherConnectionError(f"connection to {url} refused")
             await asyncio.sleep(self.latency[base])
-            return 200, {}, OK_BODY
+            return Response(200, {}, OK_BODY)
         finally:
             self.in_flight[base] -= 1
 
 
-def make_teacher(replicas: Replicas, **retry: float) -> HTTPTeacher:
+def make_teacher(
+    replicas: Replicas, limiter: RequestLimiter | None = None, **retry: float
+) -> HTTPTeacher:
     retry = {"outage_max_s": 300, **retry}
-    return fake_http_teacher(replicas, list(URLS), concurrency=16, **retry)[0]
+    return fake_http_teacher(replicas, list(URLS), concurrency=16, limiter=limiter, **retry)[0]
 
 
 async def _send_all(teacher: HTTPTeacher, count: int) -> list[ChatReply | BaseException]:
-    return await asyncio.gather(
-        *(teacher.complete(REQUEST) for _ in range(count)), return_exceptions=True
-    )
+    async with teacher:
+        return await asyncio.gather(
+            *(teacher.complete(REQUEST) for _ in range(count)), return_exceptions=True
+        )
 
 
 def _failures(results: list[ChatReply | BaseException]) -> list[BaseException]:
@@ -153,8 +158,8 @@ def test_all_replicas_down_stops_the_run_after_outage_max_s() -> None:
 def test_requests_waiting_out_an_outage_hold_no_concurrency_slot() -> None:
     outage = (2.0, 30.0)
     replicas = Replicas({URLS[0]: 1.0, URLS[1]: 1.0}, lambda url, now: outage[0] <= now < outage[1])
-    teacher = make_teacher(replicas)
-    limiter = teacher._limiter
+    limiter = RequestLimiter(requests_per_minute=1_000_000, max_concurrency=16)
+    teacher = make_teacher(replicas, limiter)
     during: list[int] = []
 
     async def scenario() -> list[ChatReply | BaseException]:

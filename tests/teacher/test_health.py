@@ -26,6 +26,7 @@ from engine.teacher.client import HTTPTeacher
 from engine.teacher.health import AttemptOutcome, answered_outcome, unreachable
 from engine.teacher.limits import Lease, RequestLimiter
 from engine.teacher.protocol import ChatReply, ChatRequest, Message
+from engine.teacher.transport import Response
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.support.clock import run_virtual
 from tests.support.fakes import make_teacher
@@ -83,7 +84,7 @@ class FakeEndpoint:
         self.attempts = 0
         self.first_success_after: dict[float, float] = {}
 
-    async def __call__(self, url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def __call__(self, url: str, body: bytes | None) -> Response:
         loop = asyncio.get_running_loop()
         self.attempts += 1
         if self.is_down(loop.time()):
@@ -94,15 +95,16 @@ class FakeEndpoint:
             self.in_flight -= 1
             if self.fail is None:
                 raise TeacherConnectionError("connection refused")
-            return self.fail, {}, b"upstream trouble"
+            return Response(self.fail, {}, b"upstream trouble")
         await asyncio.sleep(LATENCY_S)
-        return 200, {}, OK_BODY
+        return Response(200, {}, OK_BODY)
 
 
 async def _send_all(teacher: HTTPTeacher, count: int) -> list[ChatReply | BaseException]:
-    return await asyncio.gather(
-        *(teacher.complete(REQUEST) for _ in range(count)), return_exceptions=True
-    )
+    async with teacher:
+        return await asyncio.gather(
+            *(teacher.complete(REQUEST) for _ in range(count)), return_exceptions=True
+        )
 
 
 def test_a_ten_minute_outage_mid_run_fails_no_item() -> None:
@@ -180,7 +182,8 @@ def test_one_request_failing_alone_uses_its_own_budget_and_is_not_an_outage() ->
 
     async def one() -> None:
         with pytest.raises(RetriesExhausted) as caught:
-            await teacher.complete(REQUEST)
+            async with teacher:
+                await teacher.complete(REQUEST)
         assert caught.value.attempts == 6
 
     run_virtual(one())
@@ -222,8 +225,8 @@ def test_waiting_out_an_outage_spends_no_rate_budget() -> None:
     # must not queue behind them.
     outage = (5.0, 200.0)
     endpoint = FakeEndpoint(lambda now: outage[0] <= now < outage[1])
-    teacher, stats = make_teacher(endpoint)
-    teacher._limiter = RequestLimiter(requests_per_minute=600, max_concurrency=32)
+    limiter = RequestLimiter(requests_per_minute=600, max_concurrency=32)
+    teacher, stats = make_teacher(endpoint, limiter=limiter)
     ended: list[float] = []
 
     async def scenario() -> list[ChatReply | BaseException]:
@@ -251,11 +254,10 @@ class CountingLimiter(RequestLimiter):
 def test_while_the_endpoint_is_down_only_the_probe_takes_a_slot() -> None:
     outage = (5.0, 600.0)
     endpoint = FakeEndpoint(lambda now: outage[0] <= now < outage[1])
-    teacher, _ = make_teacher(endpoint)
     # A rate cap, so that a slot can take a while to get: waiters racing for the probe
     # would each take one.
     limiter = CountingLimiter(requests_per_minute=600, max_concurrency=32)
-    teacher._limiter = limiter
+    teacher, _ = make_teacher(endpoint, limiter=limiter)
     taken_during: list[int] = []
 
     async def scenario() -> list[ChatReply | BaseException]:
