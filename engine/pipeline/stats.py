@@ -106,6 +106,7 @@ class Stats:
 
     @property
     def replies_rejected(self) -> int:
+        """Reply choices rejected by any check, over all stages."""
         return sum(c.total() for c in self.rejected.values())
 
     def kept_records(self, gen_type: str, records: Sequence[Mapping[str, Any]]) -> None:
@@ -127,6 +128,7 @@ class Stats:
             self.items_failed[gen_type] += kinds.total()
 
     def elapsed(self) -> float:
+        """Seconds since the run started (monotonic clock)."""
         return time.monotonic() - self.started
 
     def summary(self) -> str:

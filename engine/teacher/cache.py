@@ -38,12 +38,13 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, body BLOB N
 
 
 def canonical_body(payload: Mapping[str, Any]) -> bytes:
-    """``payload`` as JSON with sorted keys: equal requests give equal bytes."""
+    """``payload`` (a request's JSON body) as UTF-8 JSON bytes with sorted keys, compact:
+    equal requests give equal bytes. Raises ``TypeError`` for a value JSON cannot hold."""
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
 def request_key(body: bytes) -> bytes:
-    """The cache key of a canonical request body."""
+    """The cache key of a canonical request body: its SHA-256 digest (32 bytes)."""
     return hashlib.sha256(body).digest()
 
 
@@ -74,7 +75,10 @@ class ResponseCache:
 
     @classmethod
     def open(cls, path: Path, *, batch_size: int = 200, flush_after_s: float = 1.0) -> Self:
-        """Open or create the cache at ``path``; a damaged file is moved aside first."""
+        """Open or create the cache at ``path`` (its directory too); a damaged file is moved
+        aside first. Never raises for the file: one that cannot be used gives a cache that
+        is off (``enabled`` False), with a warning. Commits every ``batch_size`` puts or
+        ``flush_after_s`` seconds after the first pending one."""
         try:
             conn = _connect_or_recover(path)
         except (sqlite3.Error, OSError) as err:
@@ -84,10 +88,12 @@ class ResponseCache:
 
     @property
     def enabled(self) -> bool:
+        """The file is open: False once a failure turned the cache off for the run."""
         return self._conn is not None
 
     def get(self, key: bytes) -> bytes | None:
-        """The stored body for ``key``, or None."""
+        """The raw reply body stored for ``key`` (a ``request_key``), or None; counted as a
+        hit or a miss."""
         body = self._pending.get(key)
         if body is None and self._conn is not None:
             try:

@@ -163,7 +163,8 @@ class EndpointPool:
             self._change = None
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """Per endpoint URL: attempts routed there, and outages (times it was found down)."""
+        """Per endpoint URL: ``{"requests": attempts routed there, "outages": times it was
+        found down, "down": 1 if it is down now else 0}``."""
         return {
             e.url: {"requests": e.chosen, "outages": e.health.outages, "down": int(e.health.down)}
             for e in self.endpoints

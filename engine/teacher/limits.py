@@ -35,7 +35,8 @@ class AdaptiveConcurrency:
     A 429 halves the limit, once per round: a 429 to a request sent before the last
     decrease says nothing new (that request went out under the old limit). Every success
     adds ``1 / limit``, so the limit grows back by one per limit's worth of successes, up
-    to ``maximum``. Pure state, no clock: the caller reports outcomes.
+    to ``maximum``. Pure state, no clock: the caller reports outcomes. ``ValueError`` unless
+    ``1 <= minimum <= maximum``.
     """
 
     def __init__(self, maximum: int, minimum: int = 1, factor: float = 0.5) -> None:

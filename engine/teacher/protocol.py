@@ -29,6 +29,8 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One chat message: ``role`` ("system", "user" or "assistant") and its text."""
+
     role: str
     content: str
 
@@ -108,12 +110,17 @@ class Choice:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Tokens the server reported using for one reply (0 when it did not say)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ChatReply:
+    """One chat completion: its choices (at least one, in the server's order), the model
+    that answered ("" if unnamed) and its usage."""
+
     choices: tuple[Choice, ...]
     model: str = ""
     usage: Usage = field(default_factory=Usage)
