@@ -6,8 +6,8 @@ reply (``texts``); the first that fails names the rejection. Pure: no I/O, no cl
 unit's memory of accepted texts (``Seen``) is the only state.
 
 No check depends on a language: a letter is any Unicode letter (categories L*), texts are
-compared after ``normalise`` (NFKC, case folding, Unicode punctuation and spacing removed), and
-lengths are characters compared with the text the reply was asked about.
+compared after ``normalise`` (NFKC, case folding, Unicode punctuation and spacing removed;
+``engine.text``), and lengths are characters compared with the text the reply was asked about.
 
 Checks (code: what it rejects):
 
@@ -29,7 +29,6 @@ Checks (code: what it rejects):
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -40,6 +39,7 @@ from pydantic import BaseModel
 
 from engine.config import QualityConfig
 from engine.flows.structured import Answer, KeyFacts, QAPairs, Questions, Summary, Verdict
+from engine.text import has_digit, letters, normalise, size
 
 Kind = Literal["summary", "question", "answer", "fact", "context"]
 EXCERPT_CHARS = 120
@@ -65,51 +65,11 @@ DISTINCT_KINDS: frozenset[str] = frozenset({"summary", "question", "fact"})
 # --- normalising ----------------------------------------------------------------------------
 
 
-class _Fold(dict[int, str | None]):
-    """``str.translate`` table built as characters are met: punctuation and spacing become a
-    space, control and format characters go, the rest stays."""
-
-    def __missing__(self, code: int) -> str | None:
-        ch = chr(code)
-        category = unicodedata.category(ch)
-        value: str | None = ch
-        if category[0] in "PZ" or ch.isspace():
-            value = " "
-        elif category[0] == "C":
-            value = None
-        self[code] = value
-        return value
-
-
-_FOLD = _Fold()
-
-
-def normalise(text: str) -> str:
-    """``text`` for comparison: NFKC, case-folded, punctuation and control characters
-    dropped, every run of spacing one space."""
-    folded = unicodedata.normalize("NFKC", text).casefold().translate(_FOLD)
-    return " ".join(folded.split())
-
-
 @lru_cache(maxsize=256)
 def _normalised(text: str) -> str:
     # Grounding texts (a chunk of up to 60,000 characters) recur in every request of a unit;
     # a few hundred of them cover the units in flight without holding a corpus in memory.
     return normalise(text)
-
-
-def letters(text: str) -> int:
-    """How many letters of any script ``text`` holds (Unicode categories L*: ``str.isalpha``)."""
-    return sum(map(str.isalpha, text))
-
-
-def has_digit(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Nd" for ch in text)
-
-
-def size(text: str) -> int:
-    """The length that bounds compare: characters of the NFKC text with spacing collapsed."""
-    return len(" ".join(unicodedata.normalize("NFKC", text).split()))
 
 
 def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
@@ -276,7 +236,7 @@ def blank(j: Judged) -> str | None:
 
 def no_letters(j: Judged) -> str | None:
     value = j.text.value
-    if any(map(str.isalpha, value)):
+    if letters(value):
         return None
     if j.text.kind == "answer" and has_digit(value):
         return None  # "1998", "6 650": a number answers a question

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.flows.quality import normalise, size
 from engine.teacher.stats import RequestStats
+from engine.text import normalise, size
 
 
 @dataclass

@@ -24,6 +24,7 @@ from engine.flows.structured import (
 )
 from engine.flows.unit import grounding
 from engine.seeds import SeedRow
+from engine.text import normalise
 from tests.support.fakes import FakeTeacher, make_seed
 from tests.support.good_replies import CASES, Case
 
@@ -34,39 +35,6 @@ SEED = make_seed(
     "splits water, releasing oxygen, and powers the Calvin cycle, where the enzyme RuBisCO "
     "fixes carbon dioxide into sugar."
 )
-
-
-# --- normalising ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("a", "b"),
-    [
-        ("What is ATP?", "what is  atp"),
-        ("  Где   находится Байкал? ", "где находится байкал"),
-        ("ＡＢＣ　１２３", "abc 123"),  # full-width forms (NFKC)
-        ("長江は、どこ？", "長江は どこ"),  # CJK punctuation
-        ("«Straße»", '"STRASSE"'),  # case folding, any quotes
-        ("ما طول النيل؟", "ما طول النيل"),  # Arabic question mark
-        ("गंगा कहाँ है।", "गंगा कहाँ है"),  # danda
-        ("a\u200bb", "ab"),  # a zero-width space is no character
-    ],
-)
-def test_normalise_ignores_case_spacing_and_punctuation_of_any_script(a: str, b: str) -> None:
-    assert quality.normalise(a) == quality.normalise(b)
-
-
-def test_normalise_keeps_what_makes_texts_differ() -> None:
-    assert quality.normalise("Was ist ATP?") != quality.normalise("Was ist ADP?")
-    assert quality.normalise("长江") != quality.normalise("黄河")
-
-
-@pytest.mark.parametrize(
-    ("text", "count"),
-    [("abc", 3), ("Straße", 6), ("长江", 2), ("النيل", 5), ("гора", 4), ("123 !?", 0)],
-)
-def test_letters_of_every_script(text: str, count: int) -> None:
-    assert quality.letters(text) == count
 
 
 # --- each check on a table -------------------------------------------------------------------
@@ -92,12 +60,12 @@ def judged(
         )
     return Judged(
         Text("x", kind, value, question),
-        quality.normalise(value),
+        normalise(value),
         g,
         scaffold,
         config,
         allowed,
-        f"{quality.normalise(g.source)}\n{quality.normalise(g.chunk)}",
+        f"{normalise(g.source)}\n{normalise(g.chunk)}",
     )
 
 
@@ -182,17 +150,17 @@ def test_the_example_document_is_not_to_be_copied_unless_the_source_says_it_too(
     scaffold = Scaffolding.of([], None, g, 20)
     copy = Judged(
         Text("q", "question", f"Explain: {long_example}"),
-        quality.normalise(f"Explain: {long_example}"),
+        normalise(f"Explain: {long_example}"),
         g,
         scaffold,
         CONFIG,
         seed.document,
-        quality.normalise(seed.document),
+        normalise(seed.document),
     )
     assert quality.example_copy(copy) is not None
     # The same sentence in the source itself (a seed whose example comes from its document).
     source = f"{seed.document} {long_example}"
-    also = Judged(copy.text, copy.norm, g, scaffold, CONFIG, source, quality.normalise(source))
+    also = Judged(copy.text, copy.norm, g, scaffold, CONFIG, source, normalise(source))
     assert quality.example_copy(also) is None
 
 
