@@ -17,7 +17,7 @@ from engine.config import Config, LimitsConfig
 from engine.embedded.demo import demo_config
 from engine.errors import ConfigError
 from engine.flows import build_flows
-from engine.flows.base import StagePlan
+from engine.flows.planning import StagePlan
 from engine.output.checkpoint import UnitSet, read_checkpoint
 from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
 from engine.teacher.protocol import ChatReply, ChatRequest

@@ -17,7 +17,7 @@ import pytest
 from engine.config import GEN_TYPES, Config, LimitsConfig, load_config
 from engine.embedded.demo import demo_config
 from engine.flows import build_flows
-from engine.flows.base import StagePlan, assumed_reply
+from engine.flows.planning import StagePlan, assumed_reply
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.plan import (

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from engine.config import DocumentQAConfig
-from engine.flows.base import StagePlan, UnitResult
+from engine.flows.planning import StagePlan
 from engine.flows.qa import Knobs, QuestionsThenAnswers
 from engine.flows.unit import FlowContext
+from engine.output.records import UnitResult
 from engine.seeds import SeedRow
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from engine.config import KeyFactsConfig
 from engine.flows import prompts, quality
 from engine.flows.ask import Ask
-from engine.flows.base import StagePlan, UnitResult, assumed_reply
+from engine.flows.planning import StagePlan, assumed_reply
 from engine.flows.structured import KeyFact, KeyFacts, QAPairs, key_facts_model, qa_pairs_model
 from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
+from engine.output.records import UnitResult
 from engine.seeds import SeedRow
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from engine.flows import prompts, quality
 from engine.flows.ask import Ask
-from engine.flows.base import StagePlan, assumed_reply
+from engine.flows.planning import StagePlan, assumed_reply
 from engine.flows.structured import Answer, Questions, questions_model
 from engine.flows.unit import FlowContext, Pair, Unit, grounding, label, stage_name
 from engine.seeds import SeedRow

@@ -9,10 +9,11 @@ from __future__ import annotations
 from engine.config import SummaryConfig
 from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Parsed
-from engine.flows.base import StagePlan, UnitResult, assumed_reply
+from engine.flows.planning import StagePlan, assumed_reply
 from engine.flows.qa import Knobs, QuestionsThenAnswers
 from engine.flows.structured import Summary
 from engine.flows.unit import FlowContext, Unit, grounding, stage_name
+from engine.output.records import UnitResult
 from engine.seeds import SeedRow
 
 

@@ -20,9 +20,9 @@ from pydantic import BaseModel
 from engine.errors import FatalRunError, ItemError, SystematicFailure
 from engine.flows import prompts, quality
 from engine.flows.ask import Ask, Asker, Parsed
-from engine.flows.base import Failure, StagePlan, UnitResult
+from engine.flows.planning import StagePlan
 from engine.flows.structured import Verdict
-from engine.output.records import make_record
+from engine.output.records import Failure, Record, UnitResult, make_record
 from engine.seeds import SeedRow
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Unit:
         self.asker = asker
         self._judge = judge
         self._tg = asyncio.TaskGroup()
-        self._records: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+        self._records: list[tuple[tuple[str, ...], Record]] = []
         self._failures: list[Failure] = []
         self._judged_out = 0
         # The questions, facts and summaries accepted so far: new ones must differ.

@@ -23,7 +23,6 @@ from typing import IO, Any
 
 import orjson
 
-from engine.flows.base import Failure, UnitResult
 from engine.output.checkpoint import (
     FAILURES_FILE,
     PROGRESS_FILE,
@@ -33,6 +32,7 @@ from engine.output.checkpoint import (
     gen_name,
     record_ids,
 )
+from engine.output.records import Failure, UnitResult
 from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow
 
@@ -121,8 +121,8 @@ class OutputWriter:
             self.stats.rejects += 1
             return b""
         result = item.result
-        records = [r for r in result.records if r["id"] not in self._written_ids]
-        self._append(gen_name(item.gen_type), (orjson.dumps(rec) + b"\n" for rec in records))
+        records = [r for r in result.records if r.id not in self._written_ids]
+        self._append(gen_name(item.gen_type), (record.to_json() + b"\n" for record in records))
         if result.failures:
             lines = (_failure_line(item.seed, item.gen_type, f) for f in result.failures)
             self._append(FAILURES_FILE, lines)

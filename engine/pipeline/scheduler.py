@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from engine.flows.base import Flow
+from engine.flows import Flow
 from engine.output.checkpoint import Checkpoint, UnitSet
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
 from engine.pipeline.stats import Stats
@@ -21,9 +21,9 @@ from engine.seeds import Reject, SeedRow
 
 log = logging.getLogger(__name__)
 
-Unit = tuple[SeedRow, Flow]
-
-
+# A unit waiting for a worker: its seed row and the flow of its type.
+QueuedUnit = tuple[SeedRow, Flow]
+# (document id, type) pairs.
 Units = AbstractSet[tuple[str, str]] | UnitSet
 
 
@@ -71,7 +71,7 @@ class Scheduler:
         self.workers = workers
         self.active = 0
         self.stopping = False
-        self._units: asyncio.Queue[Unit | None] = asyncio.Queue(maxsize=workers)
+        self._units: asyncio.Queue[QueuedUnit | None] = asyncio.Queue(maxsize=workers)
 
     def stop(self) -> None:
         """Take no new units; the ones in flight go on. Units already queued are dropped (they
@@ -101,7 +101,7 @@ class Scheduler:
     async def _produce(
         self,
         seeds: Iterable[SeedRow | Reject],
-        units: asyncio.Queue[Unit | None],
+        units: asyncio.Queue[QueuedUnit | None],
         results: asyncio.Queue[WriterItem | None],
     ) -> None:
         for item in seeds:
@@ -122,7 +122,7 @@ class Scheduler:
         return wanted(self.checkpoint, self.only, self.redo, (doc_id, gen_type))
 
     async def _work(
-        self, units: asyncio.Queue[Unit | None], results: asyncio.Queue[WriterItem | None]
+        self, units: asyncio.Queue[QueuedUnit | None], results: asyncio.Queue[WriterItem | None]
     ) -> None:
         while (unit := await units.get()) is not None:
             if self.stopping:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from engine.output.records import Record
 from engine.teacher.stats import RequestStats
 from engine.text import normalise, size
 
@@ -24,17 +24,17 @@ class Kept:
     summaries: int = 0  # distinct summaries (summary types' documents)
     summary_chars: int = 0
 
-    def add(self, records: Sequence[Mapping[str, Any]], summaries: bool) -> None:
+    def add(self, records: Sequence[Record], summaries: bool) -> None:
         """Count one unit's records; ``summaries``: their documents are summaries."""
         if not records:
             return
         self.units += 1
         self.questions += len(records)
-        self.distinct_questions += len({normalise(r["question"]) for r in records})
-        self.question_chars += sum(size(r["question"]) for r in records)
-        self.answer_chars += sum(size(r["response"]) for r in records)
+        self.distinct_questions += len({normalise(r.question) for r in records})
+        self.question_chars += sum(size(r.question) for r in records)
+        self.answer_chars += sum(size(r.response) for r in records)
         if summaries:
-            documents = {r["document"] for r in records}
+            documents = {r.document for r in records}
             self.summaries += len(documents)
             self.summary_chars += sum(size(d) for d in documents)
 
@@ -109,7 +109,7 @@ class Stats:
         """Reply choices rejected by any check, over all stages."""
         return sum(c.total() for c in self.rejected.values())
 
-    def kept_records(self, gen_type: str, records: Sequence[Mapping[str, Any]]) -> None:
+    def kept_records(self, gen_type: str, records: Sequence[Record]) -> None:
         """Count one written unit's records into the type's kept-data measures."""
         kept = self.kept.setdefault(gen_type, Kept())
         kept.add(records, summaries=gen_type.endswith("_summary"))

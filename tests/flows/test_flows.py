@@ -10,8 +10,8 @@ import pytest
 from engine.config import Config
 from engine.errors import AuthError, RequestRejected
 from engine.flows import build_flows
-from engine.flows.base import UnitResult
 from engine.flows.structured import Mode
+from engine.output.records import UnitResult
 from engine.teacher.protocol import ChatReply, ChatRequest
 from tests.support.fakes import (
     FakeTeacher,
@@ -45,7 +45,7 @@ async def run(config: Config, teacher: FakeTeacher, gen_type: str = SUMMARY) -> 
 
 
 def paths(result: UnitResult) -> list[str]:
-    return [r["id"].split("-", 2)[2] for r in result.records]
+    return [r.id.split("-", 2)[2] for r in result.records]
 
 
 def stage_is(request: ChatRequest, name: str) -> bool:
@@ -60,7 +60,7 @@ async def test_summary_flow_makes_n_summaries_times_q_pairs() -> None:
     result = await run(summary_config(summaries=3, questions=2), teacher)
 
     assert paths(result) == [f"s00{i}-q0{j}" for i in range(3) for j in range(2)]
-    assert len({r["document"] for r in result.records}) == 3
+    assert len({r.document for r in result.records}) == 3
     assert result.failures == [] and result.judged_out == 0
     assert [r.n for r in teacher.sent("/summary")] == [3]
     assert len(teacher.sent("/questions")) == 3
@@ -96,7 +96,7 @@ async def test_summary_records_are_grounded_in_their_summary() -> None:
     teacher = FakeTeacher()
     result = await run(summary_config(summaries=2, questions=2), teacher)
     answers = [last_user_text(r) for r in teacher.sent("/answer")]
-    for record in result.records:
+    for record in (r.to_dict() for r in result.records):  # as written, with its field names
         assert record["document"] != SEED.document
         assert record["raw_document"] == SEED.document
         assert record["model"] == "fake-teacher"
@@ -111,7 +111,7 @@ async def test_summary_records_are_grounded_in_their_summary() -> None:
         ]
         assert len(grounded) == 1
     questions = [last_user_text(r) for r in teacher.sent("/questions")]
-    summaries = {r["document"] for r in result.records}
+    summaries = {r.document for r in result.records}
     assert all(any(s in q for q in questions) for s in summaries)
 
 
@@ -129,8 +129,8 @@ async def test_extractive_and_detailed_use_their_own_prompts() -> None:
     (det_req,) = teacher.sent("detailed_summary/summary")
     assert "extractive summary" in last_user_text(ext_req)
     assert "detailed summary" in last_user_text(det_req)
-    assert extractive.records[0]["gen_type"] == "extractive_summary"
-    assert detailed.records[0]["gen_type"] == "detailed_summary"
+    assert extractive.records[0].gen_type == "extractive_summary"
+    assert detailed.records[0].gen_type == "detailed_summary"
 
 
 async def test_question_prompt_carries_the_icl_example_domain_and_outline() -> None:
@@ -150,7 +150,7 @@ async def test_without_n_support_summaries_are_separate_requests() -> None:
     requests = teacher.sent("/summary")
     assert [r.n for r in requests] == [1, 1, 1]
     assert len(result.records) == 6
-    assert len({r["document"] for r in result.records}) == 3
+    assert len({r.document for r in result.records}) == 3
     # A server deterministic in the prompt must not answer the same thing three times.
     assert len({last_user_text(r) for r in requests}) == 3
 
@@ -165,7 +165,7 @@ async def test_fewer_choices_than_asked_are_topped_up() -> None:
     result = await run(summary_config(summaries=3, questions=1), teacher)
     assert [r.n for r in teacher.sent("/summary")] == [3, 2]
     assert len(result.records) == 3
-    assert len({r["document"] for r in result.records}) == 3
+    assert len({r.document for r in result.records}) == 3
     assert result.failures == []
 
 
@@ -192,7 +192,7 @@ async def test_duplicate_summaries_are_asked_again() -> None:
     teacher = FakeTeacher(script)
     result = await run(summary_config(summaries=3, questions=1), teacher)
     assert [r.n for r in teacher.sent("/summary")] == [3, 1]
-    assert len({r["document"] for r in result.records}) == 3
+    assert len({r.document for r in result.records}) == 3
 
 
 async def test_invalid_choices_are_kept_apart_from_valid_ones() -> None:
@@ -204,7 +204,7 @@ async def test_invalid_choices_are_kept_apart_from_valid_ones() -> None:
     teacher = FakeTeacher(script)
     result = await run(summary_config(summaries=3, questions=1), teacher)
     assert [r.n for r in teacher.sent("/summary")] == [3, 2]
-    assert "good" in {r["document"] for r in result.records}
+    assert "good" in {r.document for r in result.records}
     assert len(result.records) == 3
 
 
@@ -364,8 +364,8 @@ async def test_judge_sees_the_grounding_document() -> None:
     (judge,) = teacher.sent("/judge")
     (record,) = result.records
     text = last_user_text(judge)
-    assert record["document"] in text and record["question"] in text
-    assert record["response"] in text
+    assert record.document in text and record.question in text
+    assert record.response in text
 
 
 async def test_lost_judge_request_is_a_failure_not_a_record() -> None:
@@ -398,7 +398,7 @@ async def test_reasoning_and_model_come_from_the_answer_reply() -> None:
     result = await run(summary_config(summaries=1, questions=2), FakeTeacher(script))
     got = [
         (r["parse_response_dict_reasoning_content"], r["model"], r["response"])
-        for r in result.records
+        for r in (record.to_dict() for record in result.records)
     ]
     assert got == [("answer thoughts", "teacher-v2", "A")] * 2
 
@@ -412,7 +412,7 @@ async def test_key_facts_reasoning_comes_from_the_qa_reply() -> None:
 
     config = make_config(types=["key_facts_to_qa"], key_facts_to_qa={"max_facts": 2})
     result = await run(config, FakeTeacher(script), "key_facts_to_qa")
-    assert [r["reasoning"] for r in result.records] == ["qa thoughts"] * 2
+    assert [r.to_dict()["reasoning"] for r in result.records] == ["qa thoughts"] * 2
 
 
 # --- no stage barriers ------------------------------------------------------------------
@@ -509,9 +509,9 @@ async def test_key_facts_flow() -> None:
     qa_requests = teacher.sent("/qa")
     assert len(qa_requests) == 3 and all(r.temperature == 0.3 for r in qa_requests)
     for record in result.records:
-        fact = record["key_fact"]
-        assert record["document"].startswith(fact + "\n\n")
-        assert record["document"].removeprefix(fact + "\n\n").endswith(".context")
+        fact = record.key_fact
+        assert record.document.startswith(fact + "\n\n")
+        assert record.document.removeprefix(fact + "\n\n").endswith(".context")
 
 
 async def test_key_facts_lost_qa_loses_one_fact() -> None:
@@ -537,7 +537,7 @@ async def test_document_qa_flow() -> None:
     result = await run(config, teacher, "document_based_qa")
 
     assert paths(result) == ["q000", "q001", "q002"]
-    assert all(r["document"] == SEED.document for r in result.records)
+    assert all(r.document == SEED.document for r in result.records)
     (questions,) = teacher.sent("/questions")
     assert questions.temperature == 0.8
     assert f"<document>\n{SEED.document}\n</document>" in last_user_text(questions)
@@ -583,7 +583,7 @@ async def test_text_mode_accepts_fenced_replies() -> None:
         document_based_qa={"questions": 1},
     )
     result = await run(config, FakeTeacher(script), "document_based_qa")
-    assert [r["response"] for r in result.records] == ["fenced"]
+    assert [r.response for r in result.records] == ["fenced"]
 
 
 # --- build_flows ----------------------------------------------------------------------------

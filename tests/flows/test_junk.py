@@ -17,8 +17,8 @@ import pytest
 
 from engine.config import Config
 from engine.flows import build_flows
-from engine.flows.base import UnitResult
 from engine.flows.prompts import _ANSWER_RULES
+from engine.output.records import UnitResult
 from engine.teacher.protocol import ChatReply, ChatRequest
 from tests.support.fakes import FakeTeacher, last_user_text, make_config, make_seed, reply
 from tests.support.faults import Outcome, Seen, completion
@@ -143,7 +143,7 @@ def junk_fields(junk: ChatReply) -> list[tuple[str, str]]:
 
 def texts(result: UnitResult) -> list[str]:
     fields = ("question", "response", "document", "key_fact")
-    return [r[f] for r in result.records for f in fields if f in r]
+    return [line[f] for line in (r.to_dict() for r in result.records) for f in fields if f in line]
 
 
 EXPECTED = {"document_based_qa": 5, "extractive_summary": 6, "key_facts_to_qa": 4}
@@ -169,7 +169,7 @@ async def test_junk_is_asked_again_and_never_kept(
     assert result.failures == []
     assert len(result.records) == EXPECTED[gen_type]
     for field, value in junk_fields(junk(junked[0])):
-        assert all(r.get(field) != value for r in result.records), (field, value)
+        assert all(r.to_dict().get(field) != value for r in result.records), (field, value)
     full_stage = f"{gen_type}/{stage}"
     assert tally[(full_stage, check)] == 1
     assert sum(n for (s, c), n in tally.items() if c) == 1  # only that one was rejected
@@ -193,7 +193,7 @@ async def test_good_choices_of_a_reply_with_junk_are_kept() -> None:
     teacher = FakeTeacher(script)
     result, tally = await run("extractive_summary", teacher)
     assert [r.n for r in teacher.sent("/summary")] == [3, 1]  # only the junk one asked again
-    assert set(good) <= {r["document"] for r in result.records}
+    assert set(good) <= {r.document for r in result.records}
     assert "{{JSON }}" not in texts(result)
     assert tally[("extractive_summary/summary", "template")] == 1
     assert tally[("extractive_summary/summary", "")] == 3
@@ -217,7 +217,7 @@ async def test_junk_that_persists_is_a_failure_naming_its_check() -> None:
     )
     assert "no letter" in failure.message and "][" in failure.body_excerpt
     # The other questions of the same unit are answered and kept.
-    assert [r["id"].rsplit("-", 1)[1] for r in result.records] == ["q000", "q002", "q003", "q004"]
+    assert [r.id.rsplit("-", 1)[1] for r in result.records] == ["q000", "q002", "q003", "q004"]
     assert tally[("document_based_qa/answer", "no_letters")] == 3
 
 
@@ -240,7 +240,7 @@ async def test_duplicate_questions_are_asked_again_within_their_source_only() ->
     result, tally = await run("key_facts_to_qa", FakeTeacher(script))
     assert result.failures == []
     assert tally[("key_facts_to_qa/qa", "duplicate")] == 1
-    assert [(r["id"].split("-", 2)[2], r["question"]) for r in result.records] == [
+    assert [(r.id.split("-", 2)[2], r.question) for r in result.records] == [
         ("f000-p00", q),
         ("f001-p00", q),
     ]
@@ -255,7 +255,7 @@ async def test_checks_off_keep_what_parses() -> None:
         lambda r: reply({"answer": "Answer"}) if r.stage.endswith("/answer") else None
     )
     result = await build_flows(off, teacher)["document_based_qa"].run(SEED)
-    assert [r["response"] for r in result.records] == ["Answer"] * 5
+    assert [r.response for r in result.records] == ["Answer"] * 5
 
 
 # --- through HTTP: the simulator answers junk for some requests --------------------------------
@@ -422,7 +422,7 @@ async def test_the_good_items_of_a_list_that_never_comes_clean_are_kept() -> Non
         return None
 
     result, tally = await run("document_based_qa", FakeTeacher(script))
-    assert [r["question"] for r in result.records] == good
+    assert [r.question for r in result.records] == good
     (failure,) = result.failures
     assert (failure.stage, failure.item, failure.check, failure.attempts) == (
         "document_based_qa/questions",

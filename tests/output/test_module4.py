@@ -204,7 +204,7 @@ def ours(gen_type: str, count: int = 2, reasoning: str = "R") -> list[dict[str, 
             model="m",
             reasoning=reasoning,
             **fact,
-        )
+        ).to_dict()
         for i in range(count)
     ]
 

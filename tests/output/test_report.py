@@ -22,13 +22,13 @@ import pytest
 
 from engine import cli
 from engine.config import load_config
-from engine.flows import quality
 from engine.output import report
 from engine.output.report import Outcome
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.teacher.stats import RequestStats
 from engine.testing.simulator import SimulatorConfig, running_simulator
+from engine.text import normalise
 from tests.support import faults
 from tests.support.cli import (
     DEFAULT_TOML,
@@ -119,7 +119,7 @@ def kept_means(out: Path, gen_type: str) -> dict[str, float | None]:
     ]
     by_unit: dict[str, set[str]] = {}
     for r in records:
-        by_unit.setdefault(r["doc_id"], set()).add(quality.normalise(r["question"]))
+        by_unit.setdefault(r["doc_id"], set()).add(normalise(r["question"]))
     summaries = {(r["doc_id"], r["document"]) for r in records}
 
     def mean(values: list[int]) -> float | None:

@@ -6,9 +6,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.flows.base import Failure, UnitResult
 from engine.output.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
-from engine.output.records import make_record
+from engine.output.records import Failure, UnitResult, make_record
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
 from engine.pipeline.stats import Stats
 from engine.seeds import Reject, doc_id_for

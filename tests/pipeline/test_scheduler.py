@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import AuthError
-from engine.flows.base import UnitResult
 from engine.output.checkpoint import load_checkpoint
-from engine.output.records import make_record
+from engine.output.records import UnitResult, make_record
 from engine.output.writer import OutputWriter
 from engine.pipeline.scheduler import Scheduler
 from engine.pipeline.stats import Stats
