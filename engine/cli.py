@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from engine import __version__
 from engine.config import Config, TeacherConfig, load_config
-from engine.embedded.demo import check_installed
+from engine.embedded.resolve import resolve_offline
 from engine.errors import ConfigError, FatalRunError
 from engine.output import report
 from engine.output.report import Outcome
@@ -249,8 +249,8 @@ def _routes(teacher: TeacherConfig) -> str:
 def _validate(config: Config, *, probe: bool = False) -> int:
     check_paths(config)
     teacher = config.teacher
-    if teacher.mode == "embedded":
-        check_installed()  # a missing extra is found now, not when the run starts
+    # A missing extra is found now, not when the run starts.
+    if resolve_offline(config, require_installed=True).embedded:
         print("teacher: none set: the embedded demo teacher (a tiny local model) would run")
     else:
         if probe:

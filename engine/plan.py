@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import Config, LimitsConfig
-from engine.embedded.demo import demo_config
+from engine.embedded.resolve import resolve_offline
 from engine.errors import ConfigError
 from engine.flows import build_flows
 from engine.flows.planning import StagePlan
@@ -67,19 +67,14 @@ def _sum(name: str, parts: Iterable[StagePlan]) -> StagePlan:
 
 
 def as_run(config: Config) -> tuple[Config, str]:
-    """The config a run would use, and a note when it is not ``config`` itself: with no
-    endpoint, the embedded demo teacher at its scaled-down settings."""
-    if config.teacher.mode != "embedded":
-        return config, ""
-    demo, changes = demo_config(config, EMBEDDED_PLACEHOLDER_URL)
-    return demo, (
-        f"no teacher endpoint: planned for the embedded demo teacher, with the {len(changes)} "
-        "settings it scales down (a run logs each of them)"
+    """The config a run would use (``resolve_offline``), and a note when it is not ``config``
+    itself: with no endpoint, the embedded demo teacher at its scaled-down settings."""
+    resolved = resolve_offline(config)
+    note = (
+        f"no teacher endpoint: planned for the embedded demo teacher, with the "
+        f"{len(resolved.changes)} settings it scales down (a run logs each of them)"
     )
-
-
-# Where the embedded server would listen is decided when it starts; the plan needs none.
-EMBEDDED_PLACEHOLDER_URL = "http://127.0.0.1/v1"
+    return resolved.config, note if resolved.embedded else ""
 
 
 def make_plan(config: Config, *, fresh: bool = False) -> Plan:

@@ -16,12 +16,12 @@ import pytest
 
 from engine.config import GEN_TYPES, Config, LimitsConfig, load_config
 from engine.embedded.demo import demo_config
+from engine.embedded.resolve import EMBEDDED_PLACEHOLDER_URL
 from engine.flows import build_flows
 from engine.flows.planning import StagePlan, assumed_reply
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.plan import (
-    EMBEDDED_PLACEHOLDER_URL,
     Pace,
     Plan,
     _clock,

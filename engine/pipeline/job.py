@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from engine.config import GEN_TYPES, Config
-from engine.embedded.demo import embedded_teacher
+from engine.embedded.resolve import resolve_teacher
 from engine.errors import ConfigError
 from engine.flows import build_flows, stage_settings
 from engine.output import manifest
@@ -135,11 +135,9 @@ async def run_job(
         "preflight": preflight,
     }
     with _own_output(config, fresh=fresh):
-        if config.teacher.mode != "embedded":
-            return await _generate(config, stats, **options)
-        # The whole run against the local demo server, with the config it yields (mode
-        # "http"), so that the manifest records the settings actually used.
-        async with embedded_teacher(config) as served:
+        # The whole run with the config resolve yields: for the embedded demo, its server's
+        # (mode "http"), so that the manifest records the settings actually used.
+        async with resolve_teacher(config) as served:
             return await _generate(served, stats, **options)
 
 
@@ -163,18 +161,16 @@ def _own_output(config: Config, *, fresh: bool) -> Iterator[None]:
 
 
 async def probe_teacher(config: Config, stats: Stats) -> Findings:
-    """Only the preflight (``validate --probe``): the embedded teacher is started for it."""
-    if config.teacher.mode == "embedded":
-        async with embedded_teacher(config) as served:
-            return await _probe(served, stats)
-    return await _probe(config, stats)
-
-
-async def _probe(config: Config, stats: Stats) -> Findings:
-    limits = config.limits
-    limiter = RequestLimiter(limits.requests_per_minute, limits.max_concurrency)
-    async with HTTPTeacher(config.teacher, config.retry, limiter, stats=stats.teacher) as teacher:
-        return (await preflight_check(config, teacher, stats))[1]
+    """Only the preflight (``validate --probe``), against the teacher ``resolve_teacher``
+    yields (the embedded one is started for it). Raises ``FatalRunError`` when the teacher
+    fails the check, ``ConfigError`` when the embedded one is needed but not installed."""
+    async with resolve_teacher(config) as served:
+        limits = served.limits
+        limiter = RequestLimiter(limits.requests_per_minute, limits.max_concurrency)
+        async with HTTPTeacher(
+            served.teacher, served.retry, limiter, stats=stats.teacher
+        ) as teacher:
+            return (await preflight_check(served, teacher, stats))[1]
 
 
 async def _generate(
