@@ -70,6 +70,8 @@ def build(
     minutes = wall / 60 if wall >= MIN_RATE_SPAN_S else None
     ended = time.time() if now is None else now
     teacher = stats.teacher  # what the teacher client sent and got
+    used = stats.teacher_at_end
+    endpoints = used.endpoints if used is not None else {}
     report: dict[str, Any] = {
         "engine_version": __version__,
         "exit": {
@@ -83,13 +85,14 @@ def build(
         "options": dict(options),
         "teacher": {
             "model": stats.teacher_model or config.teacher.model,
-            "endpoints": [public_url(url) for url in stats.endpoints or config.teacher.urls],
+            "endpoints": [public_url(url) for url in endpoints or config.teacher.urls],
             # Per endpoint: requests routed there, outages, whether it was down at the end.
-            "by_endpoint": {public_url(url): dict(e) for url, e in stats.endpoints.items()},
+            "by_endpoint": {public_url(url): dict(e) for url, e in endpoints.items()},
             "concurrency": {
                 "max": config.limits.max_concurrency,
-                "at_end": stats.concurrency_at_end,
-                "cuts_on_429": stats.concurrency_cuts,
+                # None: the run never opened the teacher.
+                "at_end": used.concurrency if used is not None else None,
+                "cuts_on_429": used.concurrency_cuts if used is not None else 0,
             },
         },
         "types": {t: _type_entry(stats, t, out) for t in config.generation.types},

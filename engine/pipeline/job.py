@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 
 from engine.config import GEN_TYPES, Config
 from engine.embedded.resolve import resolve_teacher
@@ -24,7 +25,7 @@ from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
 from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
-from engine.pipeline.stats import Stats
+from engine.pipeline.stats import Stats, TeacherSnapshot
 from engine.progress.display import show_progress
 from engine.seeds import read_seeds, seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
@@ -183,72 +184,101 @@ async def _generate(
     preflight: bool,
 ) -> int | None:
     """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
-    out_dir: Path = config.output.dir
-    checkpoint = load_checkpoint(out_dir)
-    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
-    manifest.check_and_write(
-        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
-    )
+    checkpoint = _resume(config, force=force)
     types = list(config.generation.types)
     # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
     # the config and running the same command recovers them.
     redo = checkpoint.failed.of_types(types)
     only = redo if retry_failed else None
-    if only is not None:
-        log.info("--retry-failed: %d units with failed items to run again", len(only))
-        if not only:
-            return None
-    elif checkpoint.done:
-        log.info(
-            "resuming: %d units already done in %s; %d of them lost items and run again",
-            len(checkpoint.done),
-            out_dir,
-            len(redo),
-        )
+    _log_resume(config, checkpoint, only, redo)
+    if only is not None and not only:
+        return None
     limits = config.limits
     limiter = RequestLimiter(
         limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
     )
-    replies = ResponseCache.open(cache_path(config)) if cache else None
-    with replies if replies is not None else contextlib.nullcontext():
-        async with HTTPTeacher(
-            config.teacher, config.retry, limiter, stats=stats.teacher, cache=replies
-        ) as teacher:
-            task = asyncio.current_task()
-            assert task is not None
-            stop = _FirstSignal(task.cancel)
-            shutdown = Shutdown(config.run.grace_s, stop)
-            with shutdown.installed(task):
-                try:
-                    if preflight and await asyncio.to_thread(
-                        _work_to_do, config, types, partial(_wants, checkpoint, only, redo)
-                    ):
-                        config = await _checked(config, teacher, stats)
-                    log.info("teacher %r, %r, %r", teacher, limiter, replies)
-                    flows = build_flows(
-                        config, teacher, tally=stats.count_reply, breaker=make_breaker(config)
-                    )
-                    writer = OutputWriter(out_dir, types, checkpoint, stats, retrying=redo)
-                    scheduler = Scheduler(
-                        [flows[t] for t in types],
-                        writer,
-                        checkpoint,
-                        stats,
-                        config.workers,
-                        only=only,
-                        redo=redo,
-                    )
-                    stop.action = scheduler.stop
-                    seeds = read_seeds(config.input.seeds, config.input.max_document_chars)
-                    stats.teacher_model = teacher.model
-                    async with show_progress(config, stats, limiter, scheduler):
-                        await scheduler.run(seeds)
-                except asyncio.CancelledError:
-                    if shutdown.signum is None:
-                        raise
-                    task.uncancel()  # our own doing: the writer has committed what finished
-                finally:
-                    stats.endpoints = teacher.endpoints.summary()
-                    stats.concurrency_at_end = limiter.concurrency
-                    stats.concurrency_cuts = limiter.adaptive.decreases
+    task = asyncio.current_task()
+    assert task is not None
+    stop = _FirstSignal(task.cancel)
+    shutdown = Shutdown(config.run.grace_s, stop)
+    async with contextlib.AsyncExitStack() as stack:
+        replies = stack.enter_context(ResponseCache.open(cache_path(config))) if cache else None
+        teacher = await stack.enter_async_context(
+            HTTPTeacher(config.teacher, config.retry, limiter, stats=stats.teacher, cache=replies)
+        )
+        # However the run ends, the report shows the endpoints and the limiter as they were.
+        stack.callback(_snapshot, stats, teacher, limiter)
+        stack.enter_context(shutdown.installed(task))
+        stack.push(partial(_absorb_own_cancel, shutdown, task))
+        wants = partial(_wants, checkpoint, only, redo)
+        if preflight and await asyncio.to_thread(_work_to_do, config, types, wants):
+            config = await _checked(config, teacher, stats)
+        log.info("teacher %r, %r, %r", teacher, limiter, replies)
+        flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
+        writer = OutputWriter(config.output.dir, types, checkpoint, stats, retrying=redo)
+        scheduler = Scheduler(
+            [flows[t] for t in types],
+            writer,
+            checkpoint,
+            stats,
+            config.workers,
+            only=only,
+            redo=redo,
+        )
+        stop.action = scheduler.stop
+        stats.teacher_model = teacher.model
+        async with show_progress(config, stats, limiter, scheduler):
+            await scheduler.run(read_seeds(config.input.seeds, config.input.max_document_chars))
     return shutdown.exit_code
+
+
+def _resume(config: Config, *, force: bool) -> Checkpoint:
+    """The output directory's checkpoint, once its manifest agrees with ``config`` (or
+    ``force``); ``ConfigError`` when it does not (``engine.output.manifest``)."""
+    out_dir = config.output.dir
+    checkpoint = load_checkpoint(out_dir)
+    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+    manifest.check_and_write(
+        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
+    )
+    return checkpoint
+
+
+def _log_resume(
+    config: Config, checkpoint: Checkpoint, only: UnitSet | None, redo: UnitSet
+) -> None:
+    if only is not None:
+        log.info("--retry-failed: %d units with failed items to run again", len(only))
+    elif checkpoint.done:
+        log.info(
+            "resuming: %d units already done in %s; %d of them lost items and run again",
+            len(checkpoint.done),
+            config.output.dir,
+            len(redo),
+        )
+
+
+def _snapshot(stats: Stats, teacher: HTTPTeacher, limiter: RequestLimiter) -> None:
+    """Keep what the report shows of the endpoints and the limiter, read once at the end."""
+    stats.teacher_at_end = TeacherSnapshot(
+        endpoints=teacher.endpoints.summary(),
+        concurrency=limiter.concurrency,
+        concurrency_cuts=limiter.adaptive.decreases,
+    )
+
+
+def _absorb_own_cancel(
+    shutdown: Shutdown,
+    task: asyncio.Task[object],
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> bool:
+    """An exit callback: a cancellation that a signal asked for (``shutdown``) ends the run
+    normally, the writer having committed what finished; any other goes on."""
+    if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
+        return False
+    if shutdown.signum is None:
+        return False
+    task.uncancel()
+    return True

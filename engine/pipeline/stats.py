@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine.output.records import Record
@@ -52,6 +52,18 @@ def _mean(total: int, count: int) -> float | None:
     return round(total / count, 1) if count else None
 
 
+@dataclass(frozen=True, slots=True)
+class TeacherSnapshot:
+    """What the run report shows of the teacher's endpoints and limiter, taken once, when the
+    run's client closes (``engine.teacher.endpoints``, ``engine.teacher.limits``)."""
+
+    # Per endpoint URL: "requests" routed there, "outages" (times it was found down) and
+    # "down" (1 if it was down at the end, else 0).
+    endpoints: Mapping[str, Mapping[str, int]]
+    concurrency: int  # requests allowed in flight at the end
+    concurrency_cuts: int  # times a 429 cut that allowance
+
+
 @dataclass
 class Stats:
     """What the run has done so far. Single-threaded (one event loop): no locks needed."""
@@ -85,12 +97,8 @@ class Stats:
     seed_rows: int | None = None
     # The teacher as the run used it (the embedded one, when no endpoint was configured).
     teacher_model: str = ""
-    # Per endpoint URL: requests routed there and times it was found down
-    # (engine.teacher.endpoints).
-    endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
-    # Requests allowed in flight at the end, and the cuts 429s made (engine.teacher.limits).
-    concurrency_at_end: int | None = None
-    concurrency_cuts: int = 0
+    # Its endpoints and limiter as the run left them; None until the run's client closes.
+    teacher_at_end: TeacherSnapshot | None = None
     # Reply choices by stage ("type/stage"): all of them, and the rejected ones by check
     # (schema checks such as no_json and the content checks of engine.flows.quality alike).
     replies: Counter[str] = field(default_factory=Counter)

@@ -368,7 +368,8 @@ async def test_real_embedded_teacher_end_to_end(
     assert "tiny" in caplog.text and "TEACHER_MODEL_BASE_URL" in caplog.text
     # The run report names the teacher actually used, not the empty configured one.
     assert stats.teacher_model == MODEL_ALIAS
-    ((url, used),) = stats.endpoints.items()
+    assert stats.teacher_at_end is not None
+    ((url, used),) = stats.teacher_at_end.endpoints.items()
     assert url.startswith("http://127.0.0.1:") and used["requests"] == stats.teacher.requests_sent
     assert "embedded teacher ready" in caplog.text
     # The demo teacher went through the same preflight as any endpoint, and passed as it is.

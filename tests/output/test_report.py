@@ -309,6 +309,10 @@ async def test_report_after_sigint(tmp_path: Path) -> None:
     assert 1 < done == progress_lines(tmp_path) < 3 * len(TYPES)
     assert got["requests"]["sent"] == received
     assert got["seed_file"]["valid_rows"] == 3
+    # The endpoints and the limiter as the interrupted run left them.
+    teacher = got["teacher"]
+    assert teacher["by_endpoint"] == {sim.base_url: {"requests": received, "outages": 0, "down": 0}}
+    assert teacher["concurrency"]["at_end"] == teacher["concurrency"]["max"]
     assert "run interrupted (exit 130)" in output and "Traceback" not in output
 
 
