@@ -22,7 +22,7 @@ from engine.config import Config, TeacherConfig, load_config
 from engine.embedded.resolve import resolve_offline
 from engine.errors import ConfigError, FatalRunError
 from engine.output import report
-from engine.output.report import Outcome
+from engine.output.report import RunOutcome
 from engine.pipeline.job import check_paths, probe_teacher, run_job
 from engine.pipeline.stats import Stats
 from engine.plan import DEFAULT_LATENCY_S, as_run, format_plan, make_plan
@@ -35,6 +35,8 @@ EXIT_OK, EXIT_FATAL, EXIT_CONFIG, EXIT_FAILED_ITEMS = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); return the exit code (module
+    docstring). A refused configuration is printed to stderr as exit 2, never raised."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -157,13 +159,15 @@ def _run(config: Config, options: dict[str, bool]) -> int:
     except ConfigError:
         raise  # refused before sending anything: the last run's report stays as it was
     except BaseException as err:  # a bug: still report what was done, then the traceback
-        _report(config, stats, options, Outcome(EXIT_FATAL, "crashed", report.describe_crash(err)))
+        _report(
+            config, stats, options, RunOutcome(EXIT_FATAL, "crashed", report.describe_crash(err))
+        )
         raise
     _report(config, stats, options, outcome)
     return outcome.exit_code
 
 
-def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
+def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> RunOutcome:
     """Run the job; say how it ended (logging what the user should do about it)."""
     fatal: list[Exception] = []
     interrupted: int | None = None
@@ -179,7 +183,9 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
     if interrupted is not None:
         log.warning("interrupted: finished units are saved; run the same command to resume")
         name = signal.Signals(interrupted - 128).name
-        return Outcome(interrupted, "interrupted", f"{name}: finished units are saved; resumable")
+        return RunOutcome(
+            interrupted, "interrupted", f"{name}: finished units are saved; resumable"
+        )
     causes = _distinct(fatal)
     for cause in causes:
         log.error("run stopped: %s", cause)
@@ -188,16 +194,16 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> Outcome:
     elif causes:
         log.info("nothing was marked failed; fix the cause and run the same command to resume")
     if causes:
-        return Outcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in causes))
+        return RunOutcome(EXIT_FATAL, "fatal", "; ".join(str(cause) for cause in causes))
     log.info("output in %s", config.output.dir)
     if stats.failures:
         failed = sum(stats.failures.values())
         log.warning("%d items failed: see %s", failed, config.output.dir / "failures.jsonl")
-        return Outcome(EXIT_FAILED_ITEMS, "failed_items", f"{failed} items failed")
-    return Outcome(EXIT_OK, "done", "every unit finished")
+        return RunOutcome(EXIT_FAILED_ITEMS, "failed_items", f"{failed} items failed")
+    return RunOutcome(EXIT_OK, "done", "every unit finished")
 
 
-def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: Outcome) -> None:
+def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: RunOutcome) -> None:
     """Write run_report.json and print its summary; a report that cannot be written is logged,
     never allowed to change the exit code."""
     content = report.build(config, stats, outcome, options)

@@ -47,15 +47,18 @@ class Plan:
     stages: dict[str, dict[str, StagePlan]] = field(default_factory=dict)
 
     def add(self, gen_type: str, parts: list[StagePlan]) -> None:
+        """Add one unit's plan (``Flow.plan``) to the type's stage totals."""
         stages = self.stages.setdefault(gen_type, {})
         for part in parts:
             known = stages.get(part.stage)
             stages[part.stage] = part if known is None else known + part
 
     def type_total(self, gen_type: str) -> StagePlan:
+        """All the stages of ``gen_type`` added up, named ``"<type> (all)"``."""
         return _sum(f"{gen_type} (all)", self.stages.get(gen_type, {}).values())
 
     def total(self) -> StagePlan:
+        """Every type added up, named ``"total"``."""
         return _sum("total", (self.type_total(t) for t in self.stages))
 
 
@@ -124,6 +127,8 @@ class Pace:
 
     @classmethod
     def of(cls, limits: LimitsConfig, latency_s: float, total: StagePlan) -> Pace:
+        """The pace ``limits`` allow for requests like ``total``'s, each taking
+        ``latency_s`` seconds."""
         tokens = None
         if limits.tokens_per_minute and total.requests:
             per_request = (total.prompt_tokens + total.completion_tokens) / total.requests
@@ -136,6 +141,7 @@ class Pace:
 
     @property
     def bounds(self) -> dict[str, float]:
+        """Requests per minute by the config key of the limit that allows them."""
         found = {
             "limits.requests_per_minute": self.requests_per_minute,
             "limits.max_concurrency": self.concurrency,
@@ -155,6 +161,7 @@ class Pace:
         return min(self.bounds.items(), key=lambda item: item[1])[0]
 
     def seconds(self, requests: int) -> float:
+        """How long ``requests`` requests take at ``rate``, in seconds."""
         return requests / self.rate * 60
 
 

@@ -11,6 +11,8 @@ from engine.seeds import SeedRow
 
 
 class DocumentQAFlow:
+    """``document_based_qa``: ``questions`` questions on the chunk, each answered from it."""
+
     gen_type = "document_based_qa"
 
     def __init__(self, config: DocumentQAConfig, ctx: FlowContext) -> None:
@@ -24,12 +26,14 @@ class DocumentQAFlow:
         )
 
     async def run(self, seed: SeedRow) -> UnitResult:
+        """``Flow.run``: the unit's records, grounded each in the chunk itself."""
         async with self.ctx.unit(seed, self.gen_type) as unit:
             step = self.qa.questions_step(unit, (), seed.document)
             unit.spawn(unit.stage("questions"), "questions", step)
         return unit.result()
 
     def plan(self, seed: SeedRow) -> list[StagePlan]:
+        """``Flow.plan``: the questions request, then one answer request per question."""
         return self.qa.plan(self.ctx, seed, self.gen_type, seed.document, 1, "chunk")
 
     def __repr__(self) -> str:

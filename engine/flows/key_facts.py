@@ -21,6 +21,9 @@ def _grounding(fact: str, context: str) -> str:
 
 
 class KeyFactsFlow:
+    """``key_facts_to_qa``: up to ``max_facts`` key facts of the chunk, each with its context,
+    then ``qa_per_fact`` question/answer pairs per fact in one request."""
+
     gen_type = "key_facts_to_qa"
 
     def __init__(self, config: KeyFactsConfig, ctx: FlowContext) -> None:
@@ -28,11 +31,13 @@ class KeyFactsFlow:
         self.ctx = ctx
 
     async def run(self, seed: SeedRow) -> UnitResult:
+        """``Flow.run``: the unit's records, grounded each in its fact and the fact's context."""
         async with self.ctx.unit(seed, self.gen_type) as unit:
             unit.spawn(unit.stage("key_facts"), "key_facts", self._facts(unit))
         return unit.result()
 
     def plan(self, seed: SeedRow) -> list[StagePlan]:
+        """``Flow.plan``: the key-facts request, then one pairs request per fact."""
         c = self.config
         # Each fact and each context is one item of the key-facts reply; likewise per pair.
         fact = assumed_reply(c.max_tokens, 2 * c.max_facts, seed.document)

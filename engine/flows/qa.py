@@ -14,6 +14,8 @@ from engine.seeds import SeedRow
 
 @dataclass(frozen=True, slots=True)
 class Knobs:
+    """One stage's sampling settings: temperature and ``max_tokens`` (completion tokens)."""
+
     temperature: float
     max_tokens: int
 
@@ -30,6 +32,7 @@ class QuestionsThenAnswers:
     def questions_ask(
         self, seed: SeedRow, stage: str, document: str, seen: quality.Seen | None = None
     ) -> Ask[Questions]:
+        """The request for ``count`` questions about ``document`` (distinct from ``seen``)."""
         return Ask(
             stage,
             prompts.question_messages(seed, document, self.count),
@@ -41,6 +44,7 @@ class QuestionsThenAnswers:
         )
 
     def answer_ask(self, seed: SeedRow, stage: str, document: str, question: str) -> Ask[Answer]:
+        """The request for the answer to ``question`` from ``document``."""
         return Ask(
             stage,
             prompts.answer_messages(seed, document, question),
@@ -51,6 +55,8 @@ class QuestionsThenAnswers:
         )
 
     async def questions_step(self, unit: Unit, path: tuple[str, ...], document: str) -> None:
+        """Ask the questions about ``document``; spawn an answer branch for each, at
+        ``path`` + ``q<j>``. An ``ItemError`` ends this branch (the unit records it)."""
         ask = self.questions_ask(unit.seed, unit.stage("questions"), document, unit.seen)
         got = await unit.ask(ask, label(path) or "questions")
         for j, question in enumerate(got.value.questions):
@@ -64,6 +70,7 @@ class QuestionsThenAnswers:
     async def answer_step(
         self, unit: Unit, path: tuple[str, ...], document: str, question: str
     ) -> None:
+        """Ask the answer to ``question``; add the pair to the unit at ``path``."""
         ask = self.answer_ask(unit.seed, unit.stage("answer"), document, question)
         got = await unit.asker.one(ask)
         unit.add(Pair(path, document, question, got.value.answer, got.model, got.reasoning))

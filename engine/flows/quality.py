@@ -73,6 +73,8 @@ def _normalised(text: str) -> str:
 
 
 def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
+    """``text`` on one line (spacing collapsed), cut to ``chars`` characters with an ellipsis,
+    for messages."""
     flat = " ".join(text.split())
     return flat if len(flat) <= chars else flat[: chars - 1] + "…"
 
@@ -204,6 +206,9 @@ class Text:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
+    """Why a reply was rejected: the check's code (``CHECKS``), the field (e.g.
+    ``"questions[2]"``) and a reason quoting the offending text; ``str()`` is the message."""
+
     check: str
     field: str
     reason: str
@@ -231,10 +236,12 @@ class Judged:
 
 
 def blank(j: Judged) -> str | None:
+    """Nothing but spacing."""
     return "empty" if not j.text.value.strip() else None
 
 
 def no_letters(j: Judged) -> str | None:
+    """Not one letter of any script; a bare number is an answer all the same."""
     value = j.text.value
     if letters(value):
         return None
@@ -244,6 +251,7 @@ def no_letters(j: Judged) -> str | None:
 
 
 def field_name(j: Judged) -> str | None:
+    """The whole text is a name from the reply schemas or a word the prompt quotes."""
     # "Question 1", "2. Answer": a name numbered like a list item is a name all the same.
     words = " ".join(w for w in j.norm.split() if not w.isdecimal())
     if j.norm in j.scaffolding.names or words in j.scaffolding.names:
@@ -252,6 +260,7 @@ def field_name(j: Judged) -> str | None:
 
 
 def template(j: Judged) -> str | None:
+    """Template or chat-markup marks (``TEMPLATE_MARKS``) that the grounding texts lack."""
     for mark in TEMPLATE_MARKS:
         if mark in j.text.value and mark not in j.allowed:
             return f"template markup {mark!r} in {excerpt(j.text.value)!r}"
@@ -259,6 +268,7 @@ def template(j: Judged) -> str | None:
 
 
 def scaffolding(j: Judged) -> str | None:
+    """A tag of the prompt, or a sentence of its instructions, that the grounding lacks."""
     for tag in j.scaffolding.tags:
         if tag in j.text.value and tag not in j.allowed:
             return f"echoes the prompt's {tag} tag"
@@ -269,6 +279,8 @@ def scaffolding(j: Judged) -> str | None:
 
 
 def example_copy(j: Judged) -> str | None:
+    """One of the seed's example questions, or a sentence of its example document, that the
+    grounding texts do not contain."""
     g = j.grounding
     for query in g.examples:
         q = _normalised(query)
@@ -286,6 +298,7 @@ def example_copy(j: Judged) -> str | None:
 
 
 def question_echo(j: Judged) -> str | None:
+    """An answer that is its question again (after ``normalise``)."""
     if j.text.kind != "answer":
         return None
     question = _normalised(j.text.question or j.grounding.question)
@@ -295,6 +308,7 @@ def question_echo(j: Judged) -> str | None:
 
 
 def length(j: Judged) -> str | None:
+    """Shorter or longer than ``bounds`` allow for the text it was made from (``size``)."""
     low, high = bounds(j.text.kind, size(j.grounding.source), j.config)
     n = size(j.text.value)
     if n < low:
@@ -385,9 +399,11 @@ class Seen:
     texts: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def has(self, kind: str, source: str, norm: str) -> bool:
+        """Whether ``norm`` (a ``normalise``d text) of ``kind`` from ``source`` was accepted."""
         return norm in self.texts.get((kind, source), ())
 
     def add(self, kind: str, source: str, norms: Sequence[str]) -> None:
+        """Remember ``norms`` as accepted texts of ``kind`` from ``source``."""
         self.texts.setdefault((kind, source), set()).update(norms)
 
 
@@ -415,6 +431,7 @@ class Gate:
         schema: type[BaseModel] | None,
         seen: Seen | None = None,
     ) -> Gate:
+        """The gate for replies to ``prompt`` (its message texts) in ``schema``."""
         scaffold = Scaffolding.of(prompt, schema, grounding, config.echo_min_chars)
         return cls(config, grounding, scaffold, seen)
 

@@ -22,6 +22,9 @@ def _slot_path(slot: int) -> tuple[str]:
 
 
 class SummaryFlow:
+    """``extractive_summary`` or ``detailed_summary`` (``style``): ``config.summaries``
+    summaries of the chunk, ``questions_per_summary`` questions on each, an answer to each."""
+
     def __init__(
         self,
         gen_type: str,
@@ -37,11 +40,13 @@ class SummaryFlow:
         self.qa = QuestionsThenAnswers(config.questions_per_summary, questions=qa, answers=qa)
 
     async def run(self, seed: SeedRow) -> UnitResult:
+        """``Flow.run``: the unit's records, grounded each in its summary."""
         async with self.ctx.unit(seed, self.gen_type) as unit:
             unit.spawn(unit.stage("summary"), "summaries", self._summaries(unit))
         return unit.result()
 
     def plan(self, seed: SeedRow) -> list[StagePlan]:
+        """``Flow.plan``: the summary request(s), then the questions and answers per summary."""
         summaries = self.ctx.asker.first_round(self._summary_ask(seed), self.config.summaries)
         summary = assumed_reply(self.config.max_tokens, 1, seed.document)
         return [

@@ -32,6 +32,8 @@ T = TypeVar("T", bound=BaseModel)
 
 @dataclass(frozen=True, slots=True)
 class Judge:
+    """The judge's request settings (``generation.judge_*``): it is on when there is one."""
+
     temperature: float
     max_tokens: int
 

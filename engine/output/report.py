@@ -39,7 +39,7 @@ _QUALITY_ROW = "  {:<20} {:>8} {:>15} {:>14} {:>10} {:>10} {:>10}"
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RunOutcome:
     """How the run ended: the process exit code, a status word and a human reason."""
 
     exit_code: int
@@ -50,7 +50,7 @@ class Outcome:
 def build(
     config: Config,
     stats: Stats,
-    outcome: Outcome,
+    outcome: RunOutcome,
     options: Mapping[str, bool],
     *,
     now: float | None = None,

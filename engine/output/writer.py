@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class UnitDone:
+    """A finished unit on its way to the writer: its seed row, type and result."""
+
     seed: SeedRow
     gen_type: str
     result: UnitResult
@@ -237,6 +239,7 @@ class OutputWriter:
         return path.open("ab")
 
     def close(self) -> None:
+        """Close every file the writer holds open (``run`` does it when it ends)."""
         for f in (*self._files.values(), self._rejects, self._progress):
             f.close()
 

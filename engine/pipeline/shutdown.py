@@ -17,6 +17,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Shutdown:
+    """What SIGINT/SIGTERM do to a run: the first calls ``stop_taking_work`` and gives units in
+    flight ``grace_s`` seconds; the second, or the end of the grace, cancels the task."""
+
     def __init__(self, grace_s: float, stop_taking_work: Callable[[], None]) -> None:
         self.grace_s = grace_s
         self.signum: int | None = None

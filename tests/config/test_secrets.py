@@ -17,7 +17,7 @@ import pytest
 from engine.config import load_config
 from engine.config.secrets import REDACTED, redact
 from engine.output import report
-from engine.output.report import Outcome
+from engine.output.report import RunOutcome
 from engine.pipeline.preflight import PROBE_PROMPT
 from engine.pipeline.stats import Stats
 from engine.testing.simulator import SimulatorConfig, running_simulator
@@ -54,7 +54,7 @@ def test_a_placeholder_key_changes_nothing_in_the_report(tmp_path: Path, key: st
         config = load_config(
             REPO / "config" / "default.toml", sets, environ=env, dotenv_path=tmp_path / "no.env"
         )
-        outcome = Outcome(1, "fatal", "the teacher at http://127.0.0.1:9/v1 answered HTTP 401")
+        outcome = RunOutcome(1, "fatal", "the teacher at http://127.0.0.1:9/v1 answered HTTP 401")
         return report.build(config, Stats(), outcome, {"fresh": False}, now=0.0)
 
     with_key, without = build(key), build(None)

@@ -23,7 +23,7 @@ import pytest
 from engine import cli
 from engine.config import load_config
 from engine.output import report
-from engine.output.report import Outcome
+from engine.output.report import RunOutcome
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.teacher.stats import RequestStats
@@ -183,7 +183,7 @@ async def test_report_figures_of_a_scripted_run(tmp_path: Path) -> None:
         stats = Stats()
         await run_job(config, stats, preflight=False)  # faults by arrival order: no probes
         received = sim.state.total_requests
-    outcome = Outcome(3, "failed_items", "4 items failed")
+    outcome = RunOutcome(3, "failed_items", "4 items failed")
     stats.started = time.monotonic() - 120  # a two-minute run, for rates that are exact
     report.write(out, report.build(config, stats, outcome, {"fresh": False}))
     got = read_report(out)
@@ -344,7 +344,7 @@ def short_run_report(tmp_path: Path, seconds: float) -> dict[str, Any]:
         teacher=RequestStats(requests_sent=150, prompt_tokens=6000, completion_tokens=3000)
     )
     stats.started = time.monotonic() - seconds
-    return report.build(config, stats, Outcome(0, "done", "every unit finished"), {})
+    return report.build(config, stats, RunOutcome(0, "done", "every unit finished"), {})
 
 
 def test_a_run_under_a_minute_gives_counts_and_its_span_not_per_minute_rates(
@@ -406,7 +406,7 @@ def test_the_key_and_url_credentials_never_reach_the_report(tmp_path: Path) -> N
         },
         dotenv_path=tmp_path,
     )
-    outcome = Outcome(1, "fatal", f"the teacher said: bad key {KEY}")
+    outcome = RunOutcome(1, "fatal", f"the teacher said: bad key {KEY}")
     content = report.build(config, Stats(), outcome, {})
     path = report.write(tmp_path, content)
     raw = path.read_bytes()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.output import report
 from engine.output.checkpoint import PROGRESS_FILE, load_checkpoint
-from engine.output.report import Outcome
+from engine.output.report import RunOutcome
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.testing.simulator import SimulatorConfig, running_simulator
@@ -83,7 +83,9 @@ async def test_a_plain_rerun_recovers_the_lost_items_and_says_so(tmp_path: Path)
     assert again.lost_before == {"request_rejected: HTTP 400": lost}
     assert again.recovered == lost and not again.still_lost
     assert again.units_done == {"document_based_qa": seed_count()}
-    content = report.build(config_for("http://x/v1", tmp_path), again, Outcome(0, "done", ""), {})
+    content = report.build(
+        config_for("http://x/v1", tmp_path), again, RunOutcome(0, "done", ""), {}
+    )
     assert content["lost_items"] == {
         "before": lost,
         "before_by_reason": {"request_rejected: HTTP 400": lost},
