@@ -1,16 +1,18 @@
-"""The generation types: the ``Flow`` interface each implements, and the registry from a type
-name to the factory of its flow (``FLOWS``), from which ``build_flows`` makes the ones a config
-asks for.
+"""The generation types: the ``Flow`` interface each implements, and the registry (``FLOWS``)
+from a type name to how its flow is built and which config keys set each of its stages.
+``build_flows`` makes the flows a config asks for; ``stage_settings`` names every stage's keys,
+for messages that say what to change.
 
-A new type is one flow module and one entry here (and its name in ``engine.config.GenType``);
-nothing else branches on type names to build flows.
+A new type is one flow module and one entry here (and its name and section in
+``engine.config``); nothing else in the flows branches on type names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
+from typing import Literal, Protocol
 
 from engine.config import Config, GenerationConfig, GenType
 from engine.flows.ask import Asker, Tally
@@ -18,7 +20,7 @@ from engine.flows.document_qa import DocumentQAFlow
 from engine.flows.key_facts import KeyFactsFlow
 from engine.flows.planning import StagePlan
 from engine.flows.summary import SummaryFlow
-from engine.flows.unit import FlowContext, Judge
+from engine.flows.unit import FlowContext, Judge, stage_name
 from engine.output.records import UnitResult
 from engine.pipeline.breaker import Breaker
 from engine.seeds import SeedRow
@@ -46,17 +48,50 @@ class Flow(Protocol):
 
 # Makes a type's flow from the generation settings and what every flow shares.
 FlowFactory = Callable[[GenerationConfig, FlowContext], Flow]
+# Which keys of a type's config section set a stage's requests: "" for max_tokens and
+# temperature, "qa_" for qa_max_tokens and qa_temperature.
+Knobs = Literal["", "qa_"]
+FIRST: Knobs = ""
+QA: Knobs = "qa_"
 
-FLOWS: Mapping[GenType, FlowFactory] = MappingProxyType(
+
+@dataclass(frozen=True, slots=True)
+class FlowType:
+    """One generation type in the registry."""
+
+    build: FlowFactory
+    # The type's stages (short names, as in "key_facts_to_qa/qa"), in the order they run,
+    # with the keys that set each; the judge, when on, comes after them.
+    stages: Mapping[str, Knobs]
+    # The key of the type's section that sets how many samples (n) one request of its first
+    # stage asks for when the server supports n; "" when every request asks for one.
+    samples_key: str = ""
+
+
+_SUMMARY_STAGES: Mapping[str, Knobs] = {"summary": FIRST, "questions": QA, "answer": QA}
+
+FLOWS: Mapping[GenType, FlowType] = MappingProxyType(
     {
-        "extractive_summary": lambda gen, ctx: SummaryFlow(
-            "extractive_summary", "extractive", gen.extractive_summary, ctx
+        "extractive_summary": FlowType(
+            lambda gen, ctx: SummaryFlow(
+                "extractive_summary", "extractive", gen.extractive_summary, ctx
+            ),
+            _SUMMARY_STAGES,
+            samples_key="summaries",
         ),
-        "detailed_summary": lambda gen, ctx: SummaryFlow(
-            "detailed_summary", "detailed", gen.detailed_summary, ctx
+        "detailed_summary": FlowType(
+            lambda gen, ctx: SummaryFlow("detailed_summary", "detailed", gen.detailed_summary, ctx),
+            _SUMMARY_STAGES,
+            samples_key="summaries",
         ),
-        "key_facts_to_qa": lambda gen, ctx: KeyFactsFlow(gen.key_facts_to_qa, ctx),
-        "document_based_qa": lambda gen, ctx: DocumentQAFlow(gen.document_based_qa, ctx),
+        "key_facts_to_qa": FlowType(
+            lambda gen, ctx: KeyFactsFlow(gen.key_facts_to_qa, ctx),
+            {"key_facts": FIRST, "qa": QA},
+        ),
+        "document_based_qa": FlowType(
+            lambda gen, ctx: DocumentQAFlow(gen.document_based_qa, ctx),
+            {"questions": FIRST, "answer": QA},
+        ),
     }
 )
 
@@ -86,4 +121,46 @@ def build_flows(
     )
     judge = Judge(gen.judge_temperature, gen.judge_max_tokens) if gen.judge else None
     ctx = FlowContext(asker, judge)
-    return {gen_type: FLOWS[gen_type](gen, ctx) for gen_type in gen.types}
+    return {gen_type: FLOWS[gen_type].build(gen, ctx) for gen_type in gen.types}
+
+
+@dataclass(frozen=True, slots=True)
+class StageSettings:
+    """The config keys behind one stage's requests, for messages that say what to change."""
+
+    max_tokens_key: str  # e.g. "generation.extractive_summary.qa_max_tokens"
+    max_tokens: int
+    temperature_key: str
+    temperature: float
+    samples: int  # choices one request of the stage asks for (n), at most
+
+
+def stage_settings(config: Config) -> dict[str, StageSettings]:
+    """Every stage the config's types run (full names, e.g. "key_facts_to_qa/qa"), in the
+    order they run, with the keys that set its ``max_tokens`` and temperature."""
+    gen = config.generation
+    found: dict[str, StageSettings] = {}
+    for gen_type in gen.types:
+        flow_type = FLOWS[gen_type]
+        section = getattr(gen, gen_type)
+        prefix = f"generation.{gen_type}"
+        for i, (name, knobs) in enumerate(flow_type.stages.items()):
+            samples = 1
+            if i == 0 and flow_type.samples_key and config.teacher.supports_n:
+                samples = getattr(section, flow_type.samples_key)
+            found[stage_name(gen_type, name)] = StageSettings(
+                f"{prefix}.{knobs}max_tokens",
+                getattr(section, f"{knobs}max_tokens"),
+                f"{prefix}.{knobs}temperature",
+                getattr(section, f"{knobs}temperature"),
+                samples,
+            )
+        if gen.judge:
+            found[stage_name(gen_type, "judge")] = StageSettings(
+                "generation.judge_max_tokens",
+                gen.judge_max_tokens,
+                "generation.judge_temperature",
+                gen.judge_temperature,
+                1,
+            )
+    return found
