@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -117,15 +118,23 @@ class Record:
     @property
     def fields(self) -> tuple[str, ...]:
         """The field names this record is written with (``record_fields``)."""
-        return record_fields(self.gen_type)
+        return _FIELDS[self.gen_type]
 
     def to_dict(self) -> dict[str, Any]:
         """The line's JSON object: field name to text, in ``fields`` order."""
-        return {name: getattr(self, _ATTRIBUTE.get(name, name)) for name in self.fields}
+        return dict(zip(_FIELDS[self.gen_type], _VALUES[self.gen_type](self), strict=True))
 
     def to_json(self) -> bytes:
         """The line as UTF-8 JSON bytes, without the newline."""
         return orjson.dumps(self.to_dict())
+
+
+# Per type: the field names, and the attributes behind them in the same order.
+_FIELDS = {gen_type: record_fields(gen_type) for gen_type in RAW_DOCUMENT_FIELD}
+_VALUES = {
+    gen_type: attrgetter(*(_ATTRIBUTE.get(name, name) for name in fields))
+    for gen_type, fields in _FIELDS.items()
+}
 
 
 def make_record(
