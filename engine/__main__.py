@@ -1,3 +1,5 @@
+"""``python -m engine``: the command line (``engine.cli``)."""
+
 import sys
 
 from engine.cli import main

@@ -124,10 +124,15 @@ class RetryableError(EngineError):
 
 
 class TeacherTimeout(RetryableError):
+    """No reply within ``teacher.timeout_s`` (or no connection within
+    ``teacher.connect_timeout_s``)."""
+
     kind = "timeout"
 
 
 class TeacherConnectionError(RetryableError):
+    """The connection failed: refused, reset, closed mid-reply, a name that does not resolve."""
+
     kind = "connection"
 
 

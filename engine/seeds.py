@@ -46,6 +46,9 @@ _FIRST_REASONS = 3
 
 @dataclass(frozen=True, slots=True)
 class SeedRow:
+    """One usable row of the seed file: the chunk, its outline and domain, and the in-context
+    example (``icl_document``, ``icl_query_1..3``); ``doc_id`` is derived from the chunk."""
+
     doc_id: str
     line_no: int
     document: str
@@ -58,16 +61,20 @@ class SeedRow:
 
     @property
     def icl_queries(self) -> tuple[str, str, str]:
+        """The three example questions, in order."""
         return (self.icl_query_1, self.icl_query_2, self.icl_query_3)
 
 
 @dataclass(frozen=True, slots=True)
 class Reject:
+    """A seed row that cannot be used: its line number, why, and the start of the line."""
+
     line_no: int
     reason: str
     excerpt: str
 
     def record(self) -> dict[str, Any]:
+        """The line written to ``rejects.jsonl``."""
         return {"line": self.line_no, "reason": self.reason, "excerpt": self.excerpt}
 
 

@@ -43,6 +43,8 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
+    """``[input]``: the seed file and which of its rows are usable."""
+
     seeds: Path = Path("config/sample_seeds.jsonl")
     """Module 2's seed_data.jsonl: one JSON object per line with document,
     document_outline, domain, icl_document, icl_query_1..3. Read as a stream, gzip, bzip2
@@ -52,6 +54,8 @@ class InputConfig(_Section):
 
 
 class OutputConfig(_Section):
+    """``[output]``: where the datasets, logs, report and response cache go."""
+
     dir: Path = Path("output/step_03")
     """Where <type>/gen.jsonl, failures.jsonl, rejects.jsonl, progress.jsonl and
     run_report.json go."""
@@ -60,6 +64,8 @@ class OutputConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """``[teacher]``: the endpoint(s), model, credentials, timeouts, TLS and request shape."""
+
     backend: Literal["auto", "http", "embedded"] = "auto"
     """"auto": "http" when a base_url is set, else "embedded" (a tiny local demo model,
     started and stopped by the run)."""
@@ -155,6 +161,8 @@ class TeacherConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    """``[limits]``: requests and tokens per minute, requests in flight, units at once."""
+
     requests_per_minute: int = Field(600, ge=1, le=1_000_000)
     """Requests per minute, paced: at most half a second of quota goes out at once."""
     tokens_per_minute: int = Field(0, ge=0, le=1_000_000_000)
@@ -168,6 +176,8 @@ class LimitsConfig(_Section):
 
 
 class RetryConfig(_Section):
+    """``[retry]``: retries and back-off, invalid-reply re-asks, outages and the breaker."""
+
     max_attempts: int = Field(6, ge=1, le=100)
     """Attempts per request for timeouts, resets, 408/409/429/5xx and malformed replies."""
     backoff_base_s: float = Field(0.5, ge=0, le=60)
@@ -205,6 +215,8 @@ class RetryConfig(_Section):
 
 
 class RunConfig(_Section):
+    """``[run]``: signal grace period and progress logging."""
+
     grace_s: float = Field(30.0, ge=0, le=3600)
     """After SIGINT/SIGTERM, units in flight get this long to finish; a second signal stops
     at once."""
@@ -224,6 +236,9 @@ class _StageKnobs(_Section):
 
 
 class SummaryConfig(_StageKnobs):
+    """``[generation.extractive_summary]`` / ``[generation.detailed_summary]``: N summaries
+    of each chunk, questions on each summary, an answer per question."""
+
     summaries: int = Field(50, ge=1, le=1000)
     """Summaries per chunk (one request with n=N when the teacher supports n)."""
     questions_per_summary: int = Field(5, ge=1, le=100)
@@ -233,6 +248,9 @@ class SummaryConfig(_StageKnobs):
 
 
 class KeyFactsConfig(_StageKnobs):
+    """``[generation.key_facts_to_qa]``: key facts of each chunk, question/answer pairs per
+    fact."""
+
     max_facts: int = Field(30, ge=1, le=500)
     """At most this many key facts per chunk."""
     qa_per_fact: int = Field(5, ge=1, le=100)
@@ -242,11 +260,15 @@ class KeyFactsConfig(_StageKnobs):
 
 
 class DocumentQAConfig(_StageKnobs):
+    """``[generation.document_based_qa]``: questions on each chunk, an answer per question."""
+
     questions: int = Field(10, ge=1, le=200)
     """Questions asked directly of each chunk, each answered once."""
 
 
 class GenerationConfig(_Section):
+    """``[generation]``: the types to generate, the judge, and each type's own section."""
+
     types: list[GenType] = Field(default_factory=lambda: list(GEN_TYPES), min_length=1)
     """The datasets to generate, each into <output.dir>/<type>/gen.jsonl."""
     judge: bool = False
@@ -303,6 +325,8 @@ class QualityConfig(_Section):
 
 
 class Config(_Section):
+    """The whole configuration, one field per TOML section (``load_config`` builds it)."""
+
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
     teacher: TeacherConfig

@@ -24,6 +24,8 @@ END = "<!-- config-reference:end -->"
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One key of the reference: its section, name, the values it takes, default, meaning."""
+
     section: str  # e.g. "limits", "generation.key_facts_to_qa"
     key: str
     kind: str  # what values it takes
@@ -148,6 +150,7 @@ def _toml(value: Any) -> str:
 
 
 def main() -> None:
+    """``python -m engine.config.reference``: print the reference as Markdown."""
     print(markdown(), end="")
 
 

@@ -436,6 +436,7 @@ class Gate:
         return cls(config, grounding, scaffold, seen)
 
     def __call__(self, value: BaseModel) -> Rejection | None:
+        """The first check ``value`` fails (its stage's texts, in ``CHECKS`` order), or None."""
         g = self.grounding
         allowed = f"{g.source}\n{g.chunk}"
         norm_allowed = f"{_normalised(g.source)}\n{_normalised(g.chunk)}"

@@ -36,24 +36,34 @@ Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 class Summary(BaseModel):
+    """The summary stage's reply: one summary of the chunk."""
+
     summary: Text
 
 
 class Answer(BaseModel):
+    """The answer stage's reply: one answer to one question."""
+
     answer: Text
 
 
 class Verdict(BaseModel):
+    """The judge's reply: whether an answer is faithful to its document, and why."""
+
     faithful: bool
     reason: str
 
 
 class KeyFact(BaseModel):
+    """One key fact of a chunk, with the sentences of the chunk it comes from."""
+
     fact: Text
     context: Text
 
 
 class QAPair(BaseModel):
+    """One question/answer pair about a key fact."""
+
     question: Text
     answer: Text
 
@@ -61,14 +71,20 @@ class QAPair(BaseModel):
 # Unbounded bases give flows typed attribute access; the factories below subclass them with
 # the configured array bounds, which is what guided decoding (and the test server) obey.
 class Questions(BaseModel):
+    """The questions stage's reply (bounded to the count asked by ``questions_model``)."""
+
     questions: list[Text]
 
 
 class KeyFacts(BaseModel):
+    """The key-facts stage's reply (bounded by ``key_facts_model``)."""
+
     facts: list[KeyFact]
 
 
 class QAPairs(BaseModel):
+    """The pairs-per-fact stage's reply (bounded by ``qa_pairs_model``)."""
+
     pairs: list[QAPair]
 
 

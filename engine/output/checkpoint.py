@@ -43,10 +43,12 @@ class UnitSet:
             self.add(unit)
 
     def add(self, unit: tuple[str, str]) -> None:
+        """Add the (doc_id, gen_type) ``unit``."""
         doc_id, gen_type = unit
         self._by_type.setdefault(gen_type, set()).add(_key(doc_id))
 
     def discard(self, unit: tuple[str, str]) -> None:
+        """Remove the (doc_id, gen_type) ``unit`` if it is there."""
         doc_id, gen_type = unit
         self._by_type.get(gen_type, set()).discard(_key(doc_id))
 
@@ -100,6 +102,7 @@ class Checkpoint:
     lengths: dict[str, int] = field(default_factory=dict)
 
     def is_done(self, doc_id: str, gen_type: str) -> bool:
+        """Whether the unit finished in an earlier run (with or without lost items)."""
         return (doc_id, gen_type) in self.done
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -119,6 +122,8 @@ class Checkpoint:
         return orjson.dumps({"lengths": self.lengths}) + b"\n"
 
     def progress_line(self, doc_id: str, gen_type: str, records: int, failures: int) -> bytes:
+        """The progress entry of one finished unit: its records and lost items, and every
+        output file's committed length (bytes) once its lines are written."""
         entry: dict[str, Any] = {
             "doc_id": doc_id,
             "gen_type": gen_type,

@@ -81,6 +81,7 @@ class DirectoryLock:
 
     @property
     def held(self) -> bool:
+        """Whether this process holds the lock now."""
         return self._fd is not None
 
     def release(self) -> None:

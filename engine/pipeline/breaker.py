@@ -46,6 +46,7 @@ class Signature:
 
     @classmethod
     def of(cls, stage: str, err: ItemError) -> Signature:
+        """The signature of an item of ``stage`` lost to ``err``."""
         if isinstance(err, InvalidReply):
             return cls(stage, err.kind, check=err.check)
         if err.status is None and isinstance(err.__cause__, RetryableError):
@@ -76,6 +77,8 @@ class Trip:
 
     @property
     def reason(self) -> str:
+        """Why the run stopped, in words: how many items or replies, of what, from how many
+        documents."""
         sig = self.signature
         if self.rejected:
             checks = ", ".join(f"{check} {n}" for check, n in self.rejected)
@@ -158,6 +161,7 @@ class Breaker:
 
     @property
     def enabled(self) -> bool:
+        """False when ``documents`` is 0: the breaker never trips."""
         return self.documents > 0
 
     def describe(self, trip: Trip) -> str:

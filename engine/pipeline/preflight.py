@@ -143,12 +143,14 @@ def url_alternatives(url: str) -> list[str]:
 
 
 def first_choices(reply: ProbeReply) -> int:
+    """How many choices a probe's chat completion held (0 when it is not one)."""
     body = reply.json()
     choices = body.get("choices") if isinstance(body, dict) else None
     return len(choices) if isinstance(choices, list) else 0
 
 
 def list_models(models: Sequence[str]) -> str:
+    """``models`` for a message: the first ``MODELS_SHOWN``, and how many more."""
     shown = ", ".join(models[:MODELS_SHOWN])
     more = len(models) - MODELS_SHOWN
     return shown + (f" and {more} more" if more > 0 else "") if models else "(none)"
@@ -171,6 +173,8 @@ def unfit_stages(
 
 
 def context_message(unfit: Sequence[str], context: int, source: str) -> str:
+    """The one line saying which ``max_tokens`` keys cannot fit a ``context`` of that many
+    tokens (as ``source`` reported it)."""
     return (
         f"the model's context is {context} tokens ({source}), which these max_tokens cannot "
         f"fit with their prompts: {'; '.join(unfit)}: lower them, leaving room for the chunk "
@@ -212,10 +216,12 @@ class Findings:
         return found
 
     def adapt(self, change: str) -> None:
+        """Record (and log once) a change the run makes to fit the server."""
         log.warning("preflight: %s", change)
         self.adapted.append(change)
 
     def note(self, text: str) -> None:
+        """Record (and log once) something found that changes nothing."""
         log.warning("preflight: %s", text)
         self.notes.append(text)
 
@@ -225,7 +231,10 @@ class Prober(Protocol):
 
     model: str
 
-    async def probe(self, url: str, payload: Mapping[str, Any] | None = None) -> ProbeReply: ...
+    async def probe(self, url: str, payload: Mapping[str, Any] | None = None) -> ProbeReply:
+        """One request outside the limiter, the cache and the retries: ``GET url``, or a
+        ``POST`` of ``payload``; what the server answered (never raises for it)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,2 @@
+"""Live progress: counting the units, sampling the figures (``display``), and their text
+(``view``)."""

@@ -48,10 +48,14 @@ class InFlight(Protocol):
     """What the display reads from the request limiter."""
 
     @property
-    def in_flight(self) -> int: ...
+    def in_flight(self) -> int:
+        """Requests in flight now."""
+        ...
 
     @property
-    def concurrency(self) -> int: ...
+    def concurrency(self) -> int:
+        """Requests allowed in flight now (below the cap after 429s)."""
+        ...
 
 
 class Pending(Protocol):
@@ -59,7 +63,9 @@ class Pending(Protocol):
 
     stopping: bool
 
-    def wanted(self, doc_id: str, gen_type: str) -> bool: ...
+    def wanted(self, doc_id: str, gen_type: str) -> bool:
+        """Whether this run works on the unit."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,7 @@ class RateWindow:
         self._samples: deque[tuple[float, int, int]] = deque()
 
     def add(self, now: float, requests: int, tokens: int) -> None:
+        """Sample the run's totals (requests, tokens) at ``now`` (seconds, monotonic)."""
         samples = self._samples
         samples.append((now, requests, tokens))
         # Keep one sample at or before the window's start, so the window spans all of it.

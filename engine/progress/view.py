@@ -18,6 +18,8 @@ BAR_WIDTH = 30
 
 @dataclass(frozen=True, slots=True)
 class TypeFigures:
+    """One type's unit counts: done by this run, done before, and the total (rows)."""
+
     gen_type: str
     done: int  # finished by this run
     skipped: int  # done before this run
@@ -25,10 +27,12 @@ class TypeFigures:
 
     @property
     def finished(self) -> int:
+        """Units done, by this run or before it."""
         return self.done + self.skipped
 
     @property
     def remaining(self) -> int | None:
+        """Units still to do; None while the total is unknown."""
         return None if self.total is None else max(0, self.total - self.finished)
 
 
@@ -54,14 +58,17 @@ class Snapshot:
 
     @property
     def done(self) -> int:
+        """Units done by this run, all types."""
         return sum(t.done for t in self.types)
 
     @property
     def skipped(self) -> int:
+        """Units done before this run, all types."""
         return sum(t.skipped for t in self.types)
 
     @property
     def total(self) -> int | None:
+        """Units in all, all types; None while any type's total is unknown."""
         totals = [t.total for t in self.types]
         return None if None in totals else sum(t or 0 for t in totals)
 

@@ -136,9 +136,11 @@ class SimulatorState:
 
     @property
     def total_requests(self) -> int:
+        """Chat-completion requests received so far, answered or not."""
         return len(self.requests)
 
     def arrive(self) -> RequestLog:
+        """Log a request as it arrives; it is in flight until ``depart``."""
         log = RequestLog(seq=len(self.requests), arrival=time.monotonic())
         self.requests.append(log)
         self.in_flight += 1
@@ -146,6 +148,7 @@ class SimulatorState:
         return log
 
     def depart(self, log: RequestLog, status: int) -> None:
+        """Log the end of a request with the status it was answered with (499: cancelled)."""
         log.finish = time.monotonic()
         log.status = status
         self.in_flight -= 1
