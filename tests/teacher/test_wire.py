@@ -143,6 +143,17 @@ def test_a_body_that_is_not_a_chat_completion_is_malformed(body: bytes, problem:
     assert info.value.body == excerpt(body)
 
 
+def test_a_key_echoed_in_a_body_that_is_not_a_completion_is_taken_out() -> None:
+    """A gateway's login page quoting the request's credentials, answered with 200."""
+    key = "sk-echoed-0123456789abcdef"
+    body = f"<html>Sign in. Your request had: Authorization: Bearer {key}</html>".encode()
+    with pytest.raises(MalformedResponse) as info:
+        parse_chat_completion(body, secret=key)
+    assert key not in f"{info.value} {info.value.body}"
+    assert "Bearer [redacted]" in str(info.value) and "Bearer [redacted]" in info.value.body
+    assert str(info.value).startswith("HTTP 200 but the body is not JSON")
+
+
 # --- statuses ---------------------------------------------------------------------------------
 
 PROXY = Proxy("http://proxy.corp:3128", "HTTP_PROXY")
