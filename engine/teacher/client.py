@@ -160,8 +160,10 @@ class HTTPTeacher:
             return ProbeReply(url, None, {}, b"", str(err))
         raw = response.body
         # A gateway may echo the key in its answer, which the preflight quotes in messages.
-        if self._secret is not None and self._secret in raw.decode("utf-8", "replace"):
-            raw = redact(raw.decode("utf-8", "replace"), self._secret).encode()
+        if self._secret is not None:
+            text = raw.decode("utf-8", "replace")
+            if (clean := redact(text, self._secret)) != text:
+                raw = clean.encode()
         return ProbeReply(url, response.status, dict(response.headers), raw)
 
     def _cached(self, key: bytes) -> ChatReply | None:

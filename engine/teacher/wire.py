@@ -51,10 +51,10 @@ def parse_chat_completion(raw: bytes, secret: str | None = None) -> ChatReply:
     try:
         return _parse_chat_completion(raw)
     except MalformedResponse as err:
-        if secret is None or secret not in str(err):
+        message, said = redact(str(err), secret), redact(err.body, secret)
+        if message == str(err) and said == err.body:
             raise
-        said = redact(err.body, secret)
-        raise MalformedResponse(redact(str(err), secret), status=200, body=said) from None
+        raise MalformedResponse(message, status=200, body=said) from None
 
 
 def _parse_chat_completion(raw: bytes) -> ChatReply:

@@ -8,8 +8,10 @@ gateway echoes back in its error bodies.
 
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import orjson
 import pytest
@@ -39,6 +41,43 @@ def test_redact_leaves_text_alone_for_a_placeholder_key(placeholder: str) -> Non
     text = "the token budget of /v1/chat/completions: EMPTY reply, exit 1"
     assert redact(text, placeholder) == text
     assert redact(text, None) == text
+
+
+# Printable ASCII, with every character that an encoder rewrites: JSON (" \ /), Go's JSON
+# (< > &), URLs (% + space ' and the rest) and HTML (& < > " ').
+ODD_LONG_KEY = "sk-a\"b\\c/d<e>f&g'h+i%20j k=l"
+
+
+def encodings(key: str) -> dict[str, str]:
+    """``key`` as servers and gateways write it back: escaped in a JSON string (once, twice,
+    Go's way), percent-encoded, form-encoded, with HTML entities."""
+    json_once = orjson.dumps(key).decode()[1:-1]
+    go = json_once.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return {
+        "verbatim": key,
+        "json": json_once,
+        "json, twice": orjson.dumps(json_once).decode()[1:-1],
+        "json, Go": go,
+        "json, \\u escapes": "".join(f"\\u{ord(c):04x}" for c in key),
+        "json, escaped slash": json_once.replace("/", "\\/"),
+        "percent": quote(key, safe=""),
+        "percent, lower case": quote(key, safe="").lower(),
+        "form": quote_plus(key),
+        "html": html.escape(key),
+        "html, numeric": "".join(f"&#{ord(c)};" for c in key),
+    }
+
+
+@pytest.mark.parametrize(("form", "echoed"), encodings(ODD_LONG_KEY).items())
+def test_redact_takes_out_an_echoed_key_in_any_encoding(form: str, echoed: str) -> None:
+    text = f"401: invalid key 'Bearer {echoed}' (request 7)"
+    assert redact(text, ODD_LONG_KEY) == f"401: invalid key 'Bearer {REDACTED}' (request 7)"
+
+
+def test_redact_leaves_a_near_miss_alone() -> None:
+    near = ODD_LONG_KEY[:-1] + "m"  # the same key but for its last character
+    text = " ".join(encodings(near).values())
+    assert redact(text, ODD_LONG_KEY) == text
 
 
 ODD_KEYS = ["x", "e", "token", "EMPTY", "/", "exit", "extractive_summary"]
@@ -146,3 +185,48 @@ async def test_a_real_key_is_nowhere_in_the_output_or_the_logs(
     assert {p.name for p in files} >= {"run_report.json", where, "cache.sqlite"}
     for path in files:
         assert LONG_KEY.encode() not in path.read_bytes(), path
+
+
+def every_encoding() -> str:
+    return "; ".join(f"{form}: Bearer {echoed}" for form, echoed in encodings(ODD_LONG_KEY).items())
+
+
+def echoes_an_odd_key_every_way(seen: Seen) -> faults.Outcome:
+    """A gateway that quotes the credentials in its JSON error bodies, in every encoding (the
+    JSON encoder escapes the key's quotes and backslashes once more on the wire); of the data
+    requests only."""
+    if PROBE_PROMPT not in seen.prompt and seen.index % 5 == 0:
+        return faults.error(400, f"bad request ({every_encoding()})")
+    return None
+
+
+def echoes_an_odd_key_always(seen: Seen) -> faults.Outcome:
+    """The same, to every request: the preflight quotes it in its message."""
+    return faults.error(400, f"bad request ({every_encoding()})")
+
+
+@pytest.mark.parametrize(
+    ("plan", "exit_code", "where"),
+    [
+        (echoes_an_odd_key_every_way, 3, "failures.jsonl"),
+        (echoes_an_odd_key_always, 1, "run_report.json"),
+    ],
+)
+async def test_an_odd_key_echoed_in_any_encoding_is_nowhere_in_the_output_or_the_logs(
+    tmp_path: Path, plan: Plan, exit_code: int, where: str
+) -> None:
+    sim = SimulatorConfig(api_key=ODD_LONG_KEY, fault=FaultInjector(plan))
+    code, output, out = await run_with_key(tmp_path, ODD_LONG_KEY, ODD_LONG_KEY, sim)
+    assert code == exit_code, output
+    assert "Traceback" not in output
+    assert b"verbatim: Bearer [redacted]; json: Bearer [redacted]" in (out / where).read_bytes()
+    files = [path for path in out.rglob("*") if path.is_file() and path.suffix != ".sqlite"]
+    texts = {"the logs": output} | {str(p): p.read_text("utf-8") for p in files}
+    for where, text in texts.items():
+        for form, echoed in encodings(ODD_LONG_KEY).items():
+            assert echoed not in text, (where, form)
+        if where.endswith(".jsonl"):  # and once decoded
+            for line in text.splitlines():
+                assert ODD_LONG_KEY not in str(orjson.loads(line)), (where, line)
+        elif where.endswith(".json"):
+            assert ODD_LONG_KEY not in str(orjson.loads(text)), where
