@@ -10,6 +10,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from pydantic import (
     BaseModel,
@@ -122,6 +123,17 @@ class TeacherConfig(_Section):
     @property
     def urls(self) -> tuple[str, ...]:
         """The endpoint URLs, without trailing slashes, in the order given."""
+        return tuple(_split_credentials(url)[0] for url in self._given_urls())
+
+    @property
+    def url_credentials(self) -> dict[str, tuple[str, str]]:
+        """The user and password (percent-decoded) given in an endpoint URL
+        (``http://user:password@host/v1``), by the endpoint's origin (``http://host``), sent
+        as HTTP Basic authentication; ``urls`` never holds them, so no message shows them."""
+        found = (_split_credentials(url) for url in self._given_urls())
+        return {_origin(url): pair for url, pair in found if pair is not None}
+
+    def _given_urls(self) -> tuple[str, ...]:
         items = [self.base_url] if isinstance(self.base_url, str) else self.base_url
         parts = (part.strip() for item in items for part in item.split(","))
         return tuple(part.rstrip("/") for part in parts if part)
@@ -149,8 +161,22 @@ class TeacherConfig(_Section):
                 "or teacher.base_url, e.g. http://localhost:8000/v1"
             )
         for url in urls:
+            if "?" in url or "#" in url:
+                shown = url.split("?")[0].split("#")[0]
+                raise ValueError(
+                    f"base_url {shown}?... has a query string or fragment: the engine appends "
+                    "/chat/completions and /models to the base URL, so it must end with the "
+                    f"path (e.g. {shown}); a key goes in TEACHER_MODEL_API_KEY"
+                )
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+        if self.url_credentials and self.api_key is not None:
+            raise ValueError(
+                "base_url has credentials in it (user:password@ before the host) and "
+                "TEACHER_MODEL_API_KEY is set: both would be the request's Authorization "
+                "header; keep one (the key is sent as a Bearer token, the URL's credentials "
+                "as HTTP Basic authentication)"
+            )
         if len(set(urls)) != len(urls):
             raise ValueError(f"base_url lists an endpoint twice: {list(urls)}")
         if not self.model:
@@ -340,6 +366,26 @@ class Config(_Section):
     def workers(self) -> int:
         """Units worked on at once: enough that the request cap stays saturated."""
         return self.limits.workers or max(4, self.limits.max_concurrency)
+
+
+def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without its ``user:password@`` part, and that part (percent-decoded), if any.
+    The authority is what comes after the scheme's ``//`` (if any), up to the path."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    cut = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:]
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    return f"{scheme}{sep}{host}{path}", (unquote(user), unquote(password))
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: the part that credentials belong to."""
+    return "/".join(url.split("/", 3)[:3])
 
 
 def _key_problem(key: str) -> str | None:

@@ -61,7 +61,8 @@ class Transport(Protocol):
 class AiohttpTransport:
     """``Transport`` over one ``aiohttp.ClientSession``, opened at the first ``send``.
 
-    Sends the key as ``Authorization: Bearer`` (when ``teacher.api_key`` is set), each
+    Sends the key as ``Authorization: Bearer`` (when ``teacher.api_key`` is set) or the
+    credentials of an endpoint's URL as HTTP Basic authentication, each
     request through the proxy ``proxies`` decides for its URL, with the CAs
     ``teacher.ca_bundle`` and the environment trust. Up to ``max_concurrency`` +
     ``SPARE_CONNECTIONS`` connections (aiohttp's default of 100 would silently cap a larger
@@ -81,6 +82,11 @@ class AiohttpTransport:
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if teacher.api_key is not None:
             self._headers["Authorization"] = f"Bearer {teacher.api_key.get_secret_value()}"
+        # Credentials given in an endpoint URL, by origin (the config refuses them with a key).
+        self._basic_auth = {
+            origin: aiohttp.BasicAuth(user, password)
+            for origin, (user, password) in teacher.url_credentials.items()
+        }
         self._tls = self._tls_context()
         self.session: aiohttp.ClientSession | None = None
 
@@ -115,6 +121,7 @@ class AiohttpTransport:
                 data=body,
                 allow_redirects=False,
                 proxy=None if proxy is None else proxy.url,
+                auth=self._basic_auth.get("/".join(url.split("/", 3)[:3])),
             ) as response:
                 return Response(response.status, response.headers, await response.read())
         # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.

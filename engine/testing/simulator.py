@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hmac
 import logging
@@ -92,6 +93,9 @@ class SimulatorConfig:
     report_context: bool = True
     # Answer only for ``model`` (vLLM's 404 for any other), instead of for any name.
     strict_model: bool = False
+    # Require HTTP Basic authentication with this user and password (a gateway's), like
+    # ``api_key`` requires a Bearer token.
+    basic_auth: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         numbers = (self.latency_mean_s, self.latency_sigma, self.array_items, self.rpm_limit)
@@ -222,7 +226,7 @@ async def _count_http(
 
 async def _models(request: web.Request) -> web.StreamResponse:
     config = request.app[_CONFIG]
-    if not _authorized(request, config.api_key):
+    if not _authorized(request, config.api_key, config.basic_auth):
         return _unauthorized()
     model: dict[str, Any] = {"id": config.model, "object": "model"}
     if config.max_model_len and config.report_context:
@@ -248,7 +252,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _answer(
     request: web.Request, config: SimulatorConfig, state: SimulatorState, log: RequestLog
 ) -> web.StreamResponse:
-    if not _authorized(request, config.api_key):
+    if not _authorized(request, config.api_key, config.basic_auth):
         return _unauthorized()
     retry_after = state.window.acquire(time.monotonic())
     if retry_after is not None:
@@ -276,10 +280,15 @@ async def _answer(
     return _json(completion)
 
 
-def _authorized(request: web.Request, api_key: str | None) -> bool:
+def _authorized(
+    request: web.Request, api_key: str | None, basic: tuple[str, str] | None = None
+) -> bool:
+    got = request.headers.get("Authorization", "")
+    if basic is not None:
+        token = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+        return hmac.compare_digest(got.encode(), f"Basic {token}".encode())
     if api_key is None:
         return True
-    got = request.headers.get("Authorization", "")
     return hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
 
 

@@ -331,6 +331,56 @@ def test_base_url_needs_http_scheme(tmp_path: Path, url: str) -> None:
     assert url in problem
 
 
+@pytest.mark.parametrize(
+    ("url", "bare", "origin", "pair"),
+    [
+        ("http://alice:pw@localhost:8000/v1", "http://localhost:8000/v1",
+         "http://localhost:8000", ("alice", "pw")),
+        ("https://token@api.example.com/v1", "https://api.example.com/v1",
+         "https://api.example.com", ("token", "")),
+        ("http://a%40b:p%3Aw%2F@gw:80/", "http://gw:80", "http://gw:80", ("a@b", "p:w/")),
+    ],
+)  # fmt: skip
+def test_credentials_in_base_url_are_kept_apart_from_it(
+    tmp_path: Path, url: str, bare: str, origin: str, pair: tuple[str, str]
+) -> None:
+    toml = write(tmp_path / "c.toml", "")
+    env = {k: v for k, v in ENV.items() if k != "TEACHER_MODEL_API_KEY"}
+    teacher = load(toml, environ={**env, "TEACHER_MODEL_BASE_URL": url}).teacher
+    assert teacher.urls == (bare,)  # what every message and file shows
+    assert teacher.url_credentials == {origin: pair}
+
+
+def test_credentials_in_base_url_and_a_key_are_refused_without_showing_either(
+    tmp_path: Path,
+) -> None:
+    toml = write(tmp_path / "c.toml", "")
+    url = "http://ok:8000/v1,http://u:pw-s3cret@gpu2:8000/v1"
+    with pytest.raises(ConfigError) as excinfo:
+        load(toml, environ={**ENV, "TEACHER_MODEL_BASE_URL": url})
+    (problem,) = problems_of(excinfo)
+    assert "base_url has credentials in it" in problem and "keep one" in problem
+    assert "s3cret" not in problem and SECRET not in problem
+
+
+@pytest.mark.parametrize(
+    "url", ["http://gw:8000/v1?api-key=s3cret-abc", "http://gw:8000/v1#s3cret", "http://gw/v1?"]
+)
+def test_a_query_string_in_base_url_is_refused_without_showing_it(tmp_path: Path, url: str) -> None:
+    toml = write(tmp_path / "c.toml", "")
+    with pytest.raises(ConfigError) as excinfo:
+        load(toml, environ={**ENV, "TEACHER_MODEL_BASE_URL": url})
+    (problem,) = problems_of(excinfo)
+    assert "base_url http://" in problem and "has a query string or fragment" in problem
+    assert "s3cret" not in problem
+
+
+@pytest.mark.parametrize("url", ["http://h:8000/v1/@team/route", "https://h/openai/v1"])
+def test_an_at_sign_after_the_host_is_not_credentials(tmp_path: Path, url: str) -> None:
+    toml = write(tmp_path / "c.toml", "")
+    assert load(toml, environ={**ENV, "TEACHER_MODEL_BASE_URL": url}).teacher.base_url == url
+
+
 @pytest.mark.parametrize("url", ["http://localhost:8000/v1", "https://api.example.com/v1"])
 def test_base_url_with_http_scheme_is_accepted(tmp_path: Path, url: str) -> None:
     toml = write(tmp_path / "c.toml", "")

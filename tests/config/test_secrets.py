@@ -230,3 +230,61 @@ async def test_an_odd_key_echoed_in_any_encoding_is_nowhere_in_the_output_or_the
                 assert ODD_LONG_KEY not in str(orjson.loads(line)), (where, line)
         elif where.endswith(".json"):
             assert ODD_LONG_KEY not in str(orjson.loads(text)), where
+
+
+async def run_with_url_credentials(
+    tmp_path: Path, sim: SimulatorConfig, user: str, password: str, key: str = ""
+) -> tuple[int, str, Path, int]:
+    async with running_simulator(sim) as running:
+        url = running.base_url.replace("http://", f"http://{user}:{password}@")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+        env |= {
+            "TEACHER_MODEL_BASE_URL": url,
+            "TEACHER_MODEL_NAME": "sim-teacher",
+            "TEACHER_MODEL_API_KEY": key,
+        }
+        out = tmp_path / "out"
+        sets = [*SMALL, f'output.dir="{out}"', f'input.seeds="{one_row_seeds(tmp_path)}"']
+        args = [a for s in sets for a in ("--set", s)]
+        code, output = await engine_cli(
+            "run", "config/default.toml", "-v", *args, cwd=REPO, env=env
+        )
+        return code, output, out, running.state.total_requests
+
+
+PASSWORD = "pw-" + LONG_KEY[::-1]
+
+
+@pytest.mark.parametrize(
+    ("server_user", "exit_code"),
+    [
+        ("alice", 0),  # a gateway with Basic authentication lets the run through
+        ("bob", 1),  # one that refuses them: the preflight stops the run (401)
+    ],
+)
+async def test_credentials_in_the_base_url_are_sent_and_shown_nowhere(
+    tmp_path: Path, server_user: str, exit_code: int
+) -> None:
+    """They used to be logged with the URL, in every message that names it and, when the
+    run stopped on one, in run_report.json."""
+    sim = SimulatorConfig(basic_auth=(server_user, PASSWORD))
+    code, output, out, _ = await run_with_url_credentials(tmp_path, sim, "alice", PASSWORD)
+    assert code == exit_code, output
+    assert "Traceback" not in output
+    assert "http://127.0.0.1:" in output  # the URL is shown, without them
+    assert PASSWORD not in output and "alice" not in output
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+async def test_credentials_in_the_base_url_and_a_key_stop_the_run_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    """aiohttp refuses to send both, and the run used to crash on its ValueError."""
+    sim = SimulatorConfig(basic_auth=("alice", PASSWORD))
+    code, output, _, sent = await run_with_url_credentials(
+        tmp_path, sim, "alice", PASSWORD, key=LONG_KEY
+    )
+    assert (code, sent) == (2, 0), output
+    assert "has credentials in it" in output and "Traceback" not in output
+    assert PASSWORD not in output and LONG_KEY not in output
