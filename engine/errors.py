@@ -130,6 +130,11 @@ class TeacherTimeout(RetryableError):
     kind = "timeout"
 
 
+class TeacherConnectTimeout(TeacherTimeout):
+    """No connection within ``teacher.connect_timeout_s``: nothing answered at that address
+    (unlike a ``TeacherTimeout`` after connecting, where a server is there but slow)."""
+
+
 class TeacherConnectionError(RetryableError):
     """The connection failed: refused, reset, closed mid-reply, a name that does not resolve."""
 

@@ -266,6 +266,7 @@ class Preflight:
         self._sleep = sleep
         self._backoff_base_s = backoff_base_s
         self._models: dict[str, list[str] | None] = {}
+        self._slow: set[str] = set()  # endpoints that took the connection but did not reply
 
     async def run(self) -> Findings:
         """Check every endpoint, then the run's request features on the first that answers.
@@ -282,12 +283,19 @@ class Preflight:
                 reachable.append(url)
         if not reachable:
             url, problem = next(iter(unreachable.items()))
+            if url in self._slow:
+                raise PreflightFailed(
+                    f"the teacher at {url} took the connection but did not answer in time "
+                    f"({problem}): a server that is still loading its model, or busy, can "
+                    "take longer: raise teacher.timeout_s, or check that it is not stuck"
+                )
             raise PreflightFailed(
                 f"cannot reach the teacher at {url}: {problem}: check TEACHER_MODEL_BASE_URL "
                 "(host and port) and that the server is running"
             )
         for url, problem in unreachable.items():
-            self.findings.note(f"replica {url} does not answer ({problem}); the others carry on")
+            state = "answers too slowly" if url in self._slow else "does not answer"
+            self.findings.note(f"replica {url} {state} ({problem}); the others carry on")
         await self._features(reachable[0])
         await self._context(reachable[0])
         return self.findings
@@ -299,7 +307,7 @@ class Preflight:
         models = await self.client.probe(url + "/models")
         kind = verdict(models)
         if kind == "unreachable":
-            return models.error
+            return self._unreachable(url, models)
         self._raise_for(url, url + "/models", models, kind)
         listed = served_models(models.json()) if models.status == 200 else None
         self._models[url] = listed
@@ -308,7 +316,7 @@ class Preflight:
         reply = await self._chat(url, self._base())
         kind = verdict(reply)
         if kind == "unreachable":
-            return reply.error
+            return self._unreachable(url, reply)
         if kind == "transient":  # busy, not wrong: the run's retries and outages handle that
             self.findings.note(f"{url} is busy ({_said(reply)}): not checked further")
             return ""
@@ -330,6 +338,12 @@ class Preflight:
                 "but the server answers for it"
             )
         return ""
+
+    def _unreachable(self, url: str, reply: ProbeReply) -> str:
+        """Why ``url`` gave no answer; remembers whether a server was there but slow."""
+        if reply.timed_out:
+            self._slow.add(url)
+        return reply.error
 
     async def _no_chat(self, url: str, reply: ProbeReply, kind: Verdict) -> None:
         """The minimal chat request failed: say why, as precisely as can be found out."""

@@ -29,6 +29,8 @@ from engine.errors import (
     MalformedResponse,
     RetriesExhausted,
     RetryableError,
+    TeacherConnectTimeout,
+    TeacherTimeout,
 )
 from engine.teacher.cache import ResponseCache, canonical_body, request_key
 from engine.teacher.endpoints import Endpoint, EndpointPool, Passage
@@ -157,7 +159,8 @@ class HTTPTeacher:
         try:
             response = await self._send("POST" if body else "GET", url, body)
         except RetryableError as err:
-            return ProbeReply(url, None, {}, b"", str(err))
+            slow = isinstance(err, TeacherTimeout) and not isinstance(err, TeacherConnectTimeout)
+            return ProbeReply(url, None, {}, b"", str(err), timed_out=slow)
         raw = response.body
         # A gateway may echo the key in its answer, which the preflight quotes in messages.
         if self._secret is not None:

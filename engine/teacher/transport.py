@@ -16,7 +16,13 @@ from typing import Protocol
 import aiohttp
 
 from engine.config import TeacherConfig
-from engine.errors import ConfigError, EngineError, TeacherConnectionError, TeacherTimeout
+from engine.errors import (
+    ConfigError,
+    EngineError,
+    TeacherConnectionError,
+    TeacherConnectTimeout,
+    TeacherTimeout,
+)
 from engine.teacher.network import (
     Proxies,
     Proxy,
@@ -125,8 +131,15 @@ class AiohttpTransport:
             ) as response:
                 return Response(response.status, response.headers, await response.read())
         # ServerTimeoutError is also a ClientConnectionError: catch timeouts first.
+        except aiohttp.ConnectionTimeoutError as err:
+            raise TeacherConnectTimeout(
+                f"no connection to {url} within teacher.connect_timeout_s = "
+                f"{self._teacher.connect_timeout_s:g} s"
+            ) from err
         except TimeoutError as err:
-            raise TeacherTimeout(f"no reply from {url} in time") from err
+            raise TeacherTimeout(
+                f"no reply from {url} within teacher.timeout_s = {self._teacher.timeout_s:g} s"
+            ) from err
         except aiohttp.InvalidURL as err:
             raise ConfigError([f"teacher.base_url is not a usable URL: {err}"]) from err
         except aiohttp.ClientError as err:

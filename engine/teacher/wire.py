@@ -152,6 +152,8 @@ class ProbeReply:
     headers: Mapping[str, str]
     body: bytes
     error: str = ""
+    # No reply in time from a server that took the connection: slow or stuck, not absent.
+    timed_out: bool = False
 
     def json(self) -> Any:
         """The body as JSON, or None when it is not JSON."""

@@ -211,6 +211,24 @@ async def test_an_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
     assert stats.teacher.preflight_requests == 1
 
 
+async def test_a_server_that_takes_the_connection_but_does_not_reply_is_told_apart(
+    tmp_path: Path,
+) -> None:
+    """It used to get the advice for a wrong host or port, while /models had just answered:
+    a server loading its model, or busy, needs a longer teacher.timeout_s instead."""
+    hang = faults.Hang(seconds=30.0)
+    async with running_simulator(SimulatorConfig(fault=FaultInjector(lambda _: hang()))) as sim:
+        found, _stats = await probe(sim_config(sim, tmp_path, "teacher.timeout_s=0.2"))
+        hang.release()
+    assert isinstance(found, PreflightFailed)
+    assert str(found) == (
+        f"the teacher at {sim.base_url} took the connection but did not answer in time (no "
+        f"reply from {sim.base_url}/chat/completions within teacher.timeout_s = 0.2 s): a "
+        "server that is still loading its model, or busy, can take longer: raise "
+        "teacher.timeout_s, or check that it is not stuck"
+    )
+
+
 async def test_a_base_url_without_v1_names_the_url_that_works(tmp_path: Path) -> None:
     async with running_simulator(SimulatorConfig(prefixes=("/v1",))) as sim:
         bare = sim.base_url.removesuffix("/v1")

@@ -13,7 +13,13 @@ from aiohttp import web
 from aioresponses import aioresponses
 
 from engine.config import RetryConfig, TeacherConfig
-from engine.errors import ConfigError, EngineError, TeacherConnectionError, TeacherTimeout
+from engine.errors import (
+    ConfigError,
+    EngineError,
+    TeacherConnectionError,
+    TeacherConnectTimeout,
+    TeacherTimeout,
+)
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
 from engine.teacher.network import Proxies
@@ -77,7 +83,16 @@ async def test_any_status_comes_back_as_it_is(
 @pytest.mark.parametrize(
     ("exc", "kind", "says"),
     [
-        (TimeoutError(), TeacherTimeout, f"no reply from {ENDPOINT} in time"),
+        (
+            TimeoutError(),
+            TeacherTimeout,
+            f"no reply from {ENDPOINT} within teacher.timeout_s = 600 s",
+        ),
+        (
+            aiohttp.ConnectionTimeoutError(),
+            TeacherConnectTimeout,
+            f"no connection to {ENDPOINT} within teacher.connect_timeout_s = 10 s",
+        ),
         (aiohttp.ServerTimeoutError("read timed out"), TeacherTimeout, "no reply from"),
         (
             aiohttp.ClientConnectionError("reset"),
