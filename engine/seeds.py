@@ -40,6 +40,14 @@ _UNREADABLE = {
     b"\x04\x22\x4d\x18": "lz4-compressed: decompress it first (lz4 -d) or use gzip",
     b"PK\x03\x04": "a zip archive: extract the JSON Lines file from it first (unzip)",
 }
+# Unicode text that is not UTF-8, by its byte-order mark (UTF-32's first: FF FE 00 00 also
+# starts like UTF-16 LE's).
+_OTHER_UNICODE = {
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\xfe\xff": "UTF-16",
+    b"\xff\xfe": "UTF-16",
+}
 # Reasons quoted when a seed file has no usable row at all.
 _FIRST_REASONS = 3
 
@@ -163,13 +171,32 @@ def open_stream(path: Path) -> Iterator[io.BufferedIOBase]:
                 raise UnreadableSeedFile(message)
         kind = next((k for prefix, k in _READABLE.items() if magic.startswith(prefix)), None)
         if kind is None:
+            _refuse_other_unicode(raw.peek(4)[:4], path)
             yield raw
             return
         with _decompressed(kind, raw) as stream:
+            head = b""
+            with contextlib.suppress(OSError, EOFError, lzma.LZMAError):  # read_seeds says so
+                head = stream.peek(4)[:4]
+            _refuse_other_unicode(head, path)
             yield stream
 
 
-def _decompressed(kind: str, raw: io.BufferedReader) -> io.BufferedIOBase:
+def _refuse_other_unicode(head: bytes, path: Path) -> None:
+    """Raise ``UnreadableSeedFile`` when ``head``, the first bytes of the text, say it is
+    UTF-16 or UTF-32 (what Windows tools such as PowerShell's ``>`` write): read as UTF-8,
+    every line would only be a reject that does not say why."""
+    encoding = next((e for bom, e in _OTHER_UNICODE.items() if head.startswith(bom)), None)
+    if encoding is None and b"\x00" in head[:2]:
+        encoding = "UTF-16"  # without a byte-order mark: "{" is 7B 00 or 00 7B
+    if encoding is not None:
+        raise UnreadableSeedFile(
+            f"{encoding} text, not UTF-8 (the engine reads UTF-8 JSON Lines): convert it with "
+            f"`iconv -f {encoding} -t UTF-8 {path.name} > seed_data.jsonl`"
+        )
+
+
+def _decompressed(kind: str, raw: io.BufferedReader) -> gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile:
     if kind == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if kind == "bzip2":

@@ -367,6 +367,37 @@ def test_compressions_the_engine_cannot_read_are_named(
     assert problem.startswith(f"input.seeds: {path} is ") and expected in problem
 
 
+@pytest.mark.parametrize(
+    ("encoding", "named"),
+    [
+        ("utf-16", "UTF-16"),  # with its byte-order mark, as Python and PowerShell write it
+        ("utf-16-le", "UTF-16"),  # without one
+        ("utf-16-be", "UTF-16"),
+        ("utf-32", "UTF-32"),
+    ],
+)
+@pytest.mark.parametrize("compress", [False, True])
+def test_utf16_and_utf32_files_are_named_with_how_to_convert_them(
+    tmp_path: Path, encoding: str, named: str, compress: bool
+) -> None:
+    """Each of their lines used to be rejected as 'not UTF-8 text (byte 0)' or invalid JSON."""
+    text = (line(row("alpha")) + line(row("beta"))).decode()
+    raw = text.encode(encoding)
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    problem = seed_file_problem(path, LIMIT)
+    assert problem == (
+        f"input.seeds: {path} is {named} text, not UTF-8 (the engine reads UTF-8 JSON Lines): "
+        f"convert it with `iconv -f {named} -t UTF-8 seeds.jsonl > seed_data.jsonl`"
+    )
+
+
+def test_utf8_with_a_bom_is_still_read(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "s.jsonl", b"\xef\xbb\xbf" + line(row("alpha")))
+    assert seed_file_problem(path, LIMIT) == ""
+    assert [r.document for r in rows(read_all(path))] == ["alpha"]
+
+
 # --- a seed file with no usable row -------------------------------------------------------
 
 
