@@ -16,7 +16,8 @@ Checks (code: what it rejects):
 - ``field_name``: the whole text is a name from the reply schemas or a word the prompt quotes
   ("questions", "Answer", "Question 1").
 - ``template``: template or chat-markup braces (``{{``, ``{%``, ``<|``) the source lacks.
-- ``scaffolding``: a tag of the prompt (``<document>``) or a sentence of its instructions.
+- ``scaffolding``: a tag of the prompt (``<document>``) or a sentence of its instructions, or
+  of the reply schemas' descriptions.
 - ``example_copy``: one of the seed's example questions, or a sentence of its example
   document, that the source itself does not contain.
 - ``question_echo``: an answer that is its question again.
@@ -148,7 +149,10 @@ class Scaffolding:
 def _scaffolding(text: str, schema: type[BaseModel] | None, echo_min_chars: int) -> Scaffolding:
     # Once the quoted texts are out, every request of a stage leaves the same instructions.
     sentences: dict[str, None] = {}
-    for line in text.splitlines():
+    # The schemas' descriptions too: a small model copies "The answer stage's reply: one
+    # answer to one question." as the answer, whether or not the prompt quotes the schema.
+    described = schema_descriptions(schema) if schema is not None else ()
+    for line in (*text.splitlines(), *described):
         for sentence in _sentences(line):
             if len(sentence) >= echo_min_chars:
                 sentences[sentence] = None
@@ -172,6 +176,34 @@ def schema_names(model: type[BaseModel]) -> frozenset[str]:
     """Every field name and title in ``model``'s JSON schema and in the engine's reply models
     (``REPLY_MODELS``), normalised, also split into words ("KeyFacts": "key facts")."""
     return _names_of(model).union(*(_names_of(m) for m in REPLY_MODELS))
+
+
+@lru_cache(maxsize=256)
+def schema_descriptions(model: type[BaseModel]) -> tuple[str, ...]:
+    """Every description in ``model``'s JSON schema and in the engine's reply models
+    (``REPLY_MODELS``: their docstrings), line by line."""
+    found: dict[str, None] = {}
+    for each in (model, *REPLY_MODELS):
+        found.update(dict.fromkeys(_descriptions_of(each)))
+    return tuple(found)
+
+
+@lru_cache(maxsize=256)
+def _descriptions_of(model: type[BaseModel]) -> tuple[str, ...]:
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "description" and isinstance(value, str):
+                    found.extend(value.splitlines())
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(model.model_json_schema())
+    return tuple(found)
 
 
 @lru_cache(maxsize=256)

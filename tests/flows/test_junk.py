@@ -78,6 +78,29 @@ CASES: list[tuple[str, str, Junk, str]] = [
     ("document_based_qa", "answer", lambda r: reply({"answer": ""}), "blank"),
     ("extractive_summary", "summary", lambda r: reply({"summary": ""}), "blank"),
     ("document_based_qa", "answer", lambda r: reply({"answer": INSTRUCTION}), "scaffolding"),
+    # The schemas' own descriptions, as SmolLM2 copies them (the demo teacher's records).
+    (
+        "document_based_qa",
+        "answer",
+        lambda r: reply({"answer": "The answer stage's reply: one answer to one question."}),
+        "scaffolding",
+    ),
+    (
+        "key_facts_to_qa",
+        "key_facts",
+        lambda r: reply(
+            {
+                "facts": [
+                    {
+                        "fact": "One key fact of a chunk, with the sentences of the chunk it "
+                        "comes from.",
+                        "context": "RuBisCO fixes carbon dioxide.",
+                    }
+                ]
+            }
+        ),
+        "scaffolding",
+    ),
     (
         "document_based_qa",
         "questions",
