@@ -65,7 +65,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _environment(environ: Mapping[str, str] | None, dotenv_path: Path | None) -> dict[str, str]:
     dotenv_file = dotenv_path if dotenv_path is not None else Path.cwd() / ".env"
-    merged = {k: v for k, v in dotenv_values(dotenv_file).items() if v and v.strip()}
+    # Values are taken as written, like the real environment's: python-dotenv would expand
+    # "${NAME}" in them, and turn a key such as "sk-a${b}c" into another, silently.
+    read = dotenv_values(dotenv_file, interpolate=False)
+    merged = {k: v for k, v in read.items() if v and v.strip()}
     # An empty (or blank) variable in the environment does not hide a value set in .env.
     environ = os.environ if environ is None else environ
     merged.update((k, v) for k, v in environ.items() if v.strip())

@@ -288,3 +288,22 @@ async def test_credentials_in_the_base_url_and_a_key_stop_the_run_before_anythin
     assert (code, sent) == (2, 0), output
     assert "has credentials in it" in output and "Traceback" not in output
     assert PASSWORD not in output and LONG_KEY not in output
+
+
+@pytest.mark.parametrize("quote", ["", "'", '"'])
+async def test_a_key_in_dotenv_is_sent_as_written(tmp_path: Path, quote: str) -> None:
+    """python-dotenv expands ${NAME} by default: such a key was sent altered, and refused."""
+    key = "sk-a${HOME}b$USER-c#d${UNSET}e"
+    line = f"TEACHER_MODEL_API_KEY={quote}{key}{quote}\n"
+    (tmp_path / ".env").write_text(line, encoding="utf-8")
+    async with running_simulator(SimulatorConfig(api_key=key)) as running:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEACHER_MODEL_")}
+        env |= {"TEACHER_MODEL_BASE_URL": running.base_url, "TEACHER_MODEL_NAME": "sim-teacher"}
+        sets = [f'input.seeds="{one_row_seeds(tmp_path)}"', f'output.dir="{tmp_path / "o"}"']
+        args = [a for s in sets for a in ("--set", s)]
+        code, output = await engine_cli(
+            "validate", str(REPO / "config" / "default.toml"), "--probe", *args,
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+    assert code == 0, output
+    assert "teacher OK" in output
