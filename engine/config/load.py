@@ -6,6 +6,7 @@ directory, the real environment, ``--set section.key=value`` overrides.
 
 from __future__ import annotations
 
+import io
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import ValidationError
 
 from engine.config.models import ENV_KEYS, Config
@@ -71,8 +73,30 @@ def _environment(environ: Mapping[str, str] | None, dotenv_path: Path | None) ->
     merged = {k: v for k, v in read.items() if v and v.strip()}
     # An empty (or blank) variable in the environment does not hide a value set in .env.
     environ = os.environ if environ is None else environ
+    given = {k for k, v in environ.items() if v.strip()}
+    if problems := _unreadable_dotenv_lines(dotenv_file, set(ENV_KEYS) - given):
+        raise ConfigError(problems)
     merged.update((k, v) for k, v in environ.items() if v.strip())
     return merged
+
+
+def _unreadable_dotenv_lines(path: Path, names: set[str]) -> list[str]:
+    """A problem for each line of ``path`` that python-dotenv cannot parse and that would set
+    one of ``names``: it skips such a line with a mere warning, and the run would go on
+    without the variable (no key: 401; no base URL: the embedded demo teacher instead of
+    the server). The line is not quoted: it may hold the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []  # python-dotenv read nothing either
+    return [
+        f"{path} line {binding.original.line} cannot be read as NAME=value (an unbalanced "
+        f"quote?), so {name} is not set from it: fix that line (not shown: it may hold the key)"
+        for binding in parse_stream(io.StringIO(text))
+        if binding.error
+        for name in sorted(names)
+        if binding.original.string.lstrip().removeprefix("export ").lstrip().startswith(name)
+    ]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -624,3 +624,32 @@ def test_a_key_with_a_bad_character_inside_is_refused_in_one_line(
 def test_spaces_around_the_model_name_are_dropped(tmp_path: Path) -> None:
     environ = {**ENV, "TEACHER_MODEL_NAME": " env-model\n"}
     assert load(write(tmp_path / "c.toml", ""), environ=environ).teacher.model == "env-model"
+
+
+@pytest.mark.parametrize(
+    "bad", ["TEACHER_MODEL_API_KEY='sk-it's-s3cret'", 'export TEACHER_MODEL_BASE_URL="http://h/v1']
+)
+def test_a_dotenv_line_that_does_not_parse_is_an_error_naming_the_line(
+    tmp_path: Path, bad: str
+) -> None:
+    """python-dotenv skipped it with a warning: no key (401), or no base URL (the embedded
+    demo teacher ran instead of the server)."""
+    dotenv = write(tmp_path / ".env", f"# teacher\nOTHER=1\n{bad}\nTEACHER_MODEL_NAME=m\n")
+    toml = write(tmp_path / "c.toml", "")
+    with pytest.raises(ConfigError) as excinfo:
+        load(toml, environ={}, dotenv_path=dotenv)
+    (problem,) = problems_of(excinfo)
+    name = "TEACHER_MODEL_API_KEY" if "API_KEY" in bad else "TEACHER_MODEL_BASE_URL"
+    assert problem.startswith(f"{dotenv} line 3 cannot be read as NAME=value")
+    assert f"so {name} is not set from it" in problem
+    assert "s3cret" not in problem and "http://h" not in problem
+
+
+def test_a_dotenv_line_that_does_not_parse_is_no_error_when_the_environment_sets_it(
+    tmp_path: Path,
+) -> None:
+    dotenv = write(tmp_path / ".env", "TEACHER_MODEL_API_KEY='sk-it's'\nUNRELATED='x\n")
+    toml = write(tmp_path / "c.toml", "")
+    config = load(toml, environ=ENV, dotenv_path=dotenv)
+    assert config.teacher.api_key is not None
+    assert config.teacher.api_key.get_secret_value() == SECRET
