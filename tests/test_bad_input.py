@@ -88,6 +88,24 @@ async def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
     assert "output.dir: cannot write to" in err
 
 
+async def test_an_unwritable_output_cache_exits_2_instead_of_running_without_it(
+    tmp_path: Path,
+) -> None:
+    """The run used to go on without the cache after one warning at its start (and validate
+    said the config was OK): a re-run after a crash then sent every request again."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    sets = (f'input.seeds="{SAMPLE_SEEDS}"', f'output.dir="{tmp_path / "out"}"')
+    cache = f'output.cache="{blocker / "cache.sqlite"}"'
+    for command in ("run", "validate"):
+        env = teacher_env("http://127.0.0.1:9/v1", model="m")
+        code, _out, err = await engine_cli_apart(
+            command, DEFAULT_TOML, *set_args(*sets, cache), cwd=tmp_path, env=env
+        )
+        assert code == 2, err
+        assert f"output.cache: cannot write to {blocker}" in err
+
+
 async def test_a_json_array_seed_file_exits_2_before_any_request_then_runs_as_json_lines(
     tmp_path: Path,
 ) -> None:

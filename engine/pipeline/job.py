@@ -47,8 +47,23 @@ def check_paths(config: Config) -> None:
             pass
     except OSError as err:
         problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
+    if config.output.cache and (problem := _unwritable_cache_dir(Path(config.output.cache))):
+        problems.append(problem)
     if problems:
         raise ConfigError(problems)
+
+
+def _unwritable_cache_dir(cache: Path) -> str:
+    """Why the folder of an ``output.cache`` that is set cannot hold it ("" when it can): the
+    run would go on without the cache (a warning at its start), and a re-run after a crash
+    would send every request again."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache.parent):
+            pass
+    except OSError as err:
+        return f"output.cache: cannot write to {cache.parent}: {err.strerror or err}"
+    return ""
 
 
 def make_breaker(config: Config) -> Breaker:
