@@ -89,7 +89,9 @@ def build(
             # Per endpoint: requests routed there, outages, whether it was down at the end.
             "by_endpoint": {public_url(url): dict(e) for url, e in endpoints.items()},
             "concurrency": {
-                "max": config.limits.max_concurrency,
+                # The run's cap, which the embedded demo lowers from the configured one.
+                "max": (used.concurrency_max if used is not None else 0)
+                or config.limits.max_concurrency,
                 # None: the run never opened the teacher.
                 "at_end": used.concurrency if used is not None else None,
                 "cuts_on_429": used.concurrency_cuts if used is not None else 0,

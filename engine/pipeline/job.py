@@ -279,6 +279,7 @@ def _snapshot(stats: Stats, teacher: HTTPTeacher, limiter: RequestLimiter) -> No
         endpoints=teacher.endpoints.summary(),
         concurrency=limiter.concurrency,
         concurrency_cuts=limiter.adaptive.decreases,
+        concurrency_max=limiter.max_concurrency,
     )
 
 

@@ -62,6 +62,8 @@ class TeacherSnapshot:
     endpoints: Mapping[str, Mapping[str, int]]
     concurrency: int  # requests allowed in flight at the end
     concurrency_cuts: int  # times a 429 cut that allowance
+    # The run's own limits.max_concurrency (the embedded demo lowers it to 1); 0: unknown.
+    concurrency_max: int = 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from engine.config import load_config
 from engine.output import report
 from engine.output.report import RunOutcome
 from engine.pipeline.job import run_job
-from engine.pipeline.stats import Stats
+from engine.pipeline.stats import Stats, TeacherSnapshot
 from engine.teacher.stats import RequestStats
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from engine.text import normalise
@@ -362,6 +362,23 @@ def test_a_run_under_a_minute_gives_counts_and_its_span_not_per_minute_rates(
     text = report.summary(got)
     assert "rates: 150 requests and 9000 tokens in 12.0 s (under a minute" in text
     assert "750" not in text and "per minute, over" not in text
+
+
+def test_the_cap_on_requests_in_flight_is_the_one_the_run_used(tmp_path: Path) -> None:
+    """The embedded demo runs with one request in flight; the summary said 32, the
+    configured cap, as if the demo had been sent 32 at once."""
+    config = load_config(
+        REPO / "config" / "default.toml",
+        [f'output.dir="{tmp_path}"'],
+        environ={"TEACHER_MODEL_BASE_URL": "http://h/v1", "TEACHER_MODEL_NAME": "m"},
+        dotenv_path=tmp_path,
+    )
+    stats = Stats()
+    stats.teacher_at_end = TeacherSnapshot({}, 1, 0, concurrency_max=1)
+    got = report.build(config, stats, RunOutcome(0, "done", "every unit finished"), {})
+    assert config.limits.max_concurrency == 32
+    assert got["teacher"]["concurrency"] == {"max": 1, "at_end": 1, "cuts_on_429": 0}
+    assert "in flight at most 1, cut 0 time(s) on 429" in report.summary(got)
 
 
 def test_a_run_of_a_minute_or_more_gives_rates_over_the_whole_run(tmp_path: Path) -> None:
