@@ -89,6 +89,8 @@ async def _checked(config: Config, teacher: HTTPTeacher, stats: Stats) -> Config
     """The preflight, before any seed row: the config to run with, the client's wire set."""
     config, findings = await preflight_check(config, teacher, stats)
     teacher.wire = findings.wire
+    for url, why in findings.down.items():
+        teacher.endpoints.mark_down(url, f"{why} in the preflight")
     if findings.adapted:
         manifest.record_adapted(config.output.dir, findings.adapted)
     return config

@@ -206,6 +206,9 @@ class Findings:
     context: int | None = None
     adapted: list[str] = field(default_factory=list)  # changes for the run, in words
     notes: list[str] = field(default_factory=list)  # seen, worth saying, not in the way
+    # Replicas that did not answer (base URL -> why), while another did: the run starts with
+    # them down, probed one request at a time, instead of spending attempts to find out.
+    down: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> list[str]:
         """What was found, in a few words each (``validate --probe`` prints these)."""
@@ -296,6 +299,7 @@ class Preflight:
         for url, problem in unreachable.items():
             state = "answers too slowly" if url in self._slow else "does not answer"
             self.findings.note(f"replica {url} {state} ({problem}); the others carry on")
+            self.findings.down[url] = state
         await self._features(reachable[0])
         await self._context(reachable[0])
         return self.findings

@@ -129,6 +129,15 @@ class EndpointPool:
         chosen.chosen += 1
         return Passage(chosen, request, probe is not None)
 
+    def mark_down(self, url: str, why: str) -> None:
+        """Mark the endpoint whose base URL is ``url`` down before any attempt fails on it
+        (``Health.mark_down``); ``KeyError`` for a URL not in the pool."""
+        endpoint = next((e for e in self.endpoints if e.url == url), None)
+        if endpoint is None:
+            raise KeyError(url)
+        endpoint.health.mark_down(_now(), why)
+        self._changed()
+
     def release(self, probe: Endpoint) -> None:
         """A probe claimed by ``ready`` that will not be sent (its attempt was cancelled)."""
         probe.health.probing = False

@@ -98,6 +98,21 @@ class Health:
         elif outcome is AttemptOutcome.UNREACHABLE:
             self._unreachable(request, probe, now)
 
+    def mark_down(self, now: float, why: str) -> None:
+        """Mark the endpoint down at loop time ``now`` without waiting for failed requests
+        (the preflight found it not answering: ``why``); its first probe is due after
+        ``probe_base_s``. No-op when it is down already."""
+        if self.down_since is not None:
+            return
+        self.down_since = now
+        self.outages += 1
+        self.next_probe_at = now + self.probe_base_s
+        log.warning(
+            "teacher at %s %s: no requests go to it until a probe gets an answer",
+            self.endpoint,
+            why,
+        )
+
     def _answered(self, now: float) -> None:
         self._failing.clear()
         if self.down_since is not None:

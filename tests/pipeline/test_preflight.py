@@ -438,6 +438,22 @@ async def test_a_dead_replica_is_noted_and_the_others_carry_on(tmp_path: Path) -
         found, _stats = await probe(sim_config(sim, tmp_path, urls))
     assert isinstance(found, Findings), found
     assert found.notes[0].startswith("replica http://127.0.0.1:9/v1 does not answer (")
+    assert list(found.down) == ["http://127.0.0.1:9/v1"]
+
+
+async def test_a_run_starts_with_the_dead_replica_down(tmp_path: Path) -> None:
+    # Found dead by the preflight, the replica is not sent the run's requests to find out again
+    # (each would spend an attempt); it is only probed, after retry.outage_probe_base_s.
+    dead = "http://127.0.0.1:9/v1"
+    async with running_simulator(SimulatorConfig()) as sim:
+        urls = f'teacher.base_url=["{sim.base_url}", "{dead}"]'
+        config = sim_config(sim, tmp_path, urls, "retry.outage_probe_base_s=600")
+        stats = Stats()
+        assert await run_job(config, stats) is None  # finished, no signal
+    assert stats.teacher_at_end is not None
+    endpoints = stats.teacher_at_end.endpoints
+    assert endpoints[dead] == {"requests": 0, "outages": 1, "down": 1}
+    assert endpoints[sim.base_url]["requests"] > 0
 
 
 # --- the command line -------------------------------------------------------------------

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine.errors import EndpointDown, TeacherConnectionError
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
@@ -144,6 +146,33 @@ def test_a_replica_that_comes_back_rejoins() -> None:
     assert not teacher.endpoints.endpoints[1].health.down
     # Back in the rotation: after its return it takes its half again.
     assert abs(sent_after[URLS[0]] - sent_after[URLS[1]]) <= 0.1 * sum(sent_after.values())
+
+
+def test_a_replica_marked_down_gets_only_probes_and_rejoins_when_one_is_answered() -> None:
+    back_at = 30.0
+    replicas = Replicas(
+        {URLS[0]: 1.0, URLS[1]: 1.0}, lambda url, now: url == URLS[1] and now < back_at
+    )
+    teacher = make_teacher(replicas)
+
+    async def scenario() -> list[ChatReply | BaseException]:
+        teacher.endpoints.mark_down(URLS[1], "did not answer the preflight")
+        return await _send_all(teacher, 2000)
+
+    results = run_virtual(scenario())
+    assert _failures(results) == []
+    health = teacher.endpoints.endpoints[1].health
+    assert not health.down and health.outages == 1
+    # While down: one probe at a time, never the traffic a healthy replica gets.
+    assert replicas.sent_while_down and max(n for _, _, n in replicas.sent_while_down) == 1
+    assert len(replicas.sent_while_down) < 8
+    assert replicas.sent[URLS[1]] > len(replicas.sent_while_down)  # it rejoined
+
+
+def test_marking_an_unknown_replica_down_is_a_key_error() -> None:
+    pool = EndpointPool(URLS, threshold=3, probe_base_s=1, probe_max_s=10, give_up_s=60)
+    with pytest.raises(KeyError):
+        pool.mark_down("http://c.test/v1", "gone")
 
 
 def test_all_replicas_down_stops_the_run_after_outage_max_s() -> None:
