@@ -38,8 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: ``sys.argv[1:]``); return the exit code (module
     docstring). A refused configuration is printed to stderr as exit 2, never raised."""
     args = _parser().parse_args(argv)
+    # validate and plan print their findings; their INFO logs would say it all a second time.
+    quiet = args.command in ("validate", "plan")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import orjson
+import pytest
 
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
@@ -79,13 +80,16 @@ async def test_a_missing_seed_file_exits_2_with_a_clear_message(tmp_path: Path) 
     assert "input.seeds: no such file: nowhere.jsonl" in err
 
 
-async def test_an_unwritable_output_directory_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside", [False, True], ids=["a-file", "inside-a-file"])
+async def test_an_output_directory_that_is_a_file_exits_2(tmp_path: Path, inside: bool) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
+    out = blocker / "out" if inside else blocker
     seeds = f'input.seeds="{SAMPLE_SEEDS}"'
-    code, _out, err = await run_cli(tmp_path, seeds, f'output.dir="{blocker / "out"}"')
+    code, _out, err = await run_cli(tmp_path, seeds, f'output.dir="{out}"')
     assert code == 2
-    assert "output.dir: cannot write to" in err
+    assert f"output.dir: {out} is, or is inside, a file: give a folder" in err
+    assert blocker.read_text() == "not a directory"
 
 
 async def test_an_unwritable_output_cache_exits_2_instead_of_running_without_it(
@@ -103,7 +107,7 @@ async def test_an_unwritable_output_cache_exits_2_instead_of_running_without_it(
             command, DEFAULT_TOML, *set_args(*sets, cache), cwd=tmp_path, env=env
         )
         assert code == 2, err
-        assert f"output.cache: cannot write to {blocker}" in err
+        assert f"output.cache: {blocker} is, or is inside, a file: give a folder" in err
 
 
 async def test_a_json_array_seed_file_exits_2_before_any_request_then_runs_as_json_lines(

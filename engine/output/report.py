@@ -324,11 +324,14 @@ def _figure(value: float | None) -> str:
 
 
 def _rates_line(rates: Mapping[str, Any], sent: int, tokens: int, wall_s: float) -> str:
-    caps = f"cap {_cap(rates['requests_cap'])} requests, {_cap(rates['tokens_cap'])} tokens"
+    caps = "; ".join(
+        f"{what}: no cap" if cap is None else f"cap {cap} {what}"
+        for what, cap in (("requests", rates["requests_cap"]), ("tokens", rates["tokens_cap"]))
+    )
     if rates["requests"] is None:
         return (
             f"  rates: {sent} requests and {tokens} tokens in {wall_s:.1f} s "
-            f"(under a minute: no per-minute figures; {caps} per minute)"
+            f"(under a minute: no per-minute figures; per minute: {caps})"
         )
     return (
         f"  per minute, over the whole run: {rates['requests']:.0f} requests, "
@@ -377,10 +380,6 @@ def _by_kind(counts: Mapping[str, int]) -> str:
     if not counts:
         return ""
     return " (" + ", ".join(f"{key}: {n}" for key, n in counts.items()) + ")"
-
-
-def _cap(cap: int | None) -> str:
-    return "none" if cap is None else str(cap)
 
 
 def _iso(timestamp: float) -> str:

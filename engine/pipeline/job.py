@@ -40,29 +40,28 @@ def check_paths(config: Config) -> None:
     problems = []
     if problem := seed_file_problem(config.input.seeds, config.input.max_document_chars):
         problems.append(problem)
-    out_dir = config.output.dir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
-    if config.output.cache and (problem := _unwritable_cache_dir(Path(config.output.cache))):
+    if problem := _unwritable_dir("output.dir", config.output.dir):
+        problems.append(problem)
+    # An output.cache that is set but cannot be written: the run would go on without the
+    # cache (a warning at its start), and a re-run after a crash would send every request again.
+    if config.output.cache and (
+        problem := _unwritable_dir("output.cache", Path(config.output.cache).parent)
+    ):
         problems.append(problem)
     if problems:
         raise ConfigError(problems)
 
 
-def _unwritable_cache_dir(cache: Path) -> str:
-    """Why the folder of an ``output.cache`` that is set cannot hold it ("" when it can): the
-    run would go on without the cache (a warning at its start), and a re-run after a crash
-    would send every request again."""
+def _unwritable_dir(key: str, directory: Path) -> str:
+    """Why ``directory`` (for config ``key``) cannot be created or written ("" when it can)."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
             pass
+    except (FileExistsError, NotADirectoryError):
+        return f"{key}: {directory} is, or is inside, a file: give a folder"
     except OSError as err:
-        return f"output.cache: cannot write to {cache.parent}: {err.strerror or err}"
+        return f"{key}: cannot write to {directory}: {err.strerror or err}"
     return ""
 
 

@@ -388,7 +388,7 @@ def test_a_run_of_a_minute_or_more_gives_rates_over_the_whole_run(tmp_path: Path
     assert rates["tokens"] == pytest.approx(6000.0, rel=1e-3)
     text = report.summary(got)
     assert "per minute, over the whole run: 100 requests, 6000 tokens" in text
-    assert "(cap 600 requests, none tokens)" in text
+    assert "(cap 600 requests; tokens: no cap)" in text
 
 
 def test_a_refused_run_leaves_the_last_report_alone(tmp_path: Path) -> None:
