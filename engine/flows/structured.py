@@ -117,8 +117,14 @@ def qa_pairs_model(count: int) -> type[QAPairs]:
 
 @cache
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    # Cached and shared by every request of a stage: treat as read-only.
-    return model.model_json_schema()
+    """The JSON schema the teacher is given for ``model``: without the descriptions pydantic
+    takes from the models' docstrings, which are notes for this code's readers (a small model
+    copies "The answer stage's reply: ..." as its answer). Cached and shared by every request
+    of a stage: treat as read-only."""
+    schema = model.model_json_schema()
+    for node in (schema, *schema.get("$defs", {}).values()):
+        node.pop("description", None)
+    return schema
 
 
 @cache

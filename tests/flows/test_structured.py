@@ -105,7 +105,7 @@ def test_response_format_json_schema() -> None:
 def test_response_format_json_object_carries_the_schema() -> None:
     assert response_format(Answer, "json_object") == {
         "type": "json_object",
-        "schema": Answer.model_json_schema(),
+        "schema": {k: v for k, v in Answer.model_json_schema().items() if k != "description"},
     }
 
 
@@ -170,3 +170,19 @@ def test_verdict_schema() -> None:
     schema = Verdict.model_json_schema()
     assert schema["properties"]["faithful"]["type"] == "boolean"
     assert schema["required"] == ["faithful", "reason"]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Answer, Verdict, Questions, questions_model(3), key_facts_model(2), qa_pairs_model(2)],
+    ids=lambda m: m.__name__,
+)
+@pytest.mark.parametrize("mode", ["json_schema", "json_object", "text"])
+def test_the_teacher_is_not_shown_the_code_s_docstrings(model: type[BaseModel], mode: Mode) -> None:
+    # pydantic turns a model's docstring into its schema's description: notes for this code's
+    # readers ("bounded by ``questions_model``") that a small model copies as its reply.
+    shown = json.dumps(response_format(model, mode)) + schema_instructions(model, mode)
+    assert "description" not in shown
+    for line in (model.__doc__ or "").splitlines():
+        if line.strip():
+            assert line.strip() not in shown
