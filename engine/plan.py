@@ -7,18 +7,19 @@ this module streams the seeds through it, adds up per stage and prints a table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from engine.config import Config, LimitsConfig
 from engine.embedded.resolve import resolve_offline
 from engine.errors import ConfigError
-from engine.flows import build_flows
+from engine.flows import Flow, build_flows
 from engine.flows.planning import StagePlan
-from engine.output.checkpoint import UnitSet, read_checkpoint
+from engine.output.checkpoint import Checkpoint, DoneUnits, read_checkpoint
 from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
 from engine.teacher.protocol import ChatReply, ChatRequest
 
@@ -88,10 +89,14 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
     seeds = config.input.seeds
     if problem := seed_file_problem(seeds, config.input.max_document_chars):
         raise ConfigError([problem])
-    done = UnitSet() if fresh else read_checkpoint(config.output.dir).done
-    flows = build_flows(config, _Offline())
+    checkpoint = Checkpoint() if fresh else read_checkpoint(config.output.dir)
+    with contextlib.closing(checkpoint):
+        return _count(config, build_flows(config, _Offline()), checkpoint.done)
+
+
+def _count(config: Config, flows: Mapping[str, Flow], done: DoneUnits) -> Plan:
     plan = Plan(stages={gen_type: {} for gen_type in flows})
-    for item in read_seeds(seeds, config.input.max_document_chars):
+    for item in read_seeds(config.input.seeds, config.input.max_document_chars):
         if isinstance(item, Reject):
             plan.rejects += 1
             continue

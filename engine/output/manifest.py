@@ -25,6 +25,7 @@ from engine.errors import ConfigError
 from engine.output.aside import aside_name
 from engine.output.lock import LOCK_FILE
 from engine.output.records import OUTPUT_SCHEMA
+from engine.output.state import STATE_FILE, STATE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def check_and_write(
     manifest = {
         "engine_version": __version__,
         "output_schema": OUTPUT_SCHEMA,
+        # What holds the resume state (progress.jsonl is folded into it): its format.
+        "state": {"file": STATE_FILE, "version": STATE_VERSION},
         "config_hash": _hash(merged),
         "settings": merged,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

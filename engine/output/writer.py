@@ -23,12 +23,15 @@ from typing import IO, Any
 
 import orjson
 
+from engine.output import files
 from engine.output.checkpoint import (
     FAILURES_FILE,
+    FOLD_AT,
     PROGRESS_FILE,
     REJECTS_FILE,
     Checkpoint,
     UnitSet,
+    fold_log,
     gen_name,
     record_ids,
 )
@@ -61,11 +64,18 @@ class OutputWriter:
         checkpoint: Checkpoint,
         stats: Stats,
         retrying: UnitSet | None = None,
+        *,
+        fold_at: int = FOLD_AT,
     ) -> None:
         """``retrying``: done units that are run again for the items they lost; only their
         records not yet written are added, and their old failure lines are dropped at the
-        end. Their earlier losses are counted in ``stats.lost_before``."""
+        end. Their earlier losses are counted in ``stats.lost_before``. ``fold_at``: log
+        entries past which the log is folded into the checkpoint's ``state.sqlite``.
+
+        Reads the failures file (and, for ``retrying`` units, their types' records): build
+        it off the event loop. Raises ``OutputWriteError`` when a file cannot be written."""
         self.out_dir = out_dir
+        self._fold_at = fold_at
         self.checkpoint = checkpoint
         self.stats = stats
         self._types = frozenset(gen_types)
@@ -81,7 +91,8 @@ class OutputWriter:
         for gen_type in gen_types:  # every type gets its file, even if no unit succeeds
             self._append(gen_name(gen_type), ())
         # Rejects are recomputed from the seeds on every run, so the file starts afresh.
-        self._rejects = (out_dir / REJECTS_FILE).open("wb")
+        with files.writing(out_dir / REJECTS_FILE):
+            self._rejects = (out_dir / REJECTS_FILE).open("wb")
 
     async def run(self, queue: asyncio.Queue[WriterItem | None]) -> None:
         """Consume ``queue`` until ``None``. Cancelled, it still commits what already arrived:
@@ -138,24 +149,44 @@ class OutputWriter:
         )
         self.stats.kept_records(item.gen_type, records)
         return self.checkpoint.progress_line(
-            item.seed.doc_id, item.gen_type, len(records), len(result.failures)
+            item.seed.doc_id,
+            item.gen_type,
+            len(records),
+            len(result.failures),
+            line=item.seed.line_no,
+            at=item.seed.at,
         )
 
     def _append(self, name: str, lines: Iterable[bytes]) -> None:
         f = self._files.get(name) or self._open(name)
         self._files[name] = f
-        for line in lines:
-            f.write(line)
+        with files.writing(self.out_dir / name):
+            for line in lines:
+                f.write(line)
         self.checkpoint.lengths[name] = f.tell()
 
     def _sync_and_record(self, progress: bytes) -> None:
-        for f in (*self._files.values(), self._rejects):
-            f.flush()
-            os.fsync(f.fileno())
+        """fsync every file, then append the units' progress entries and fsync the log;
+        fold the log into ``state.sqlite`` once it is long. Runs in a thread."""
+        for name, f in (*self._files.items(), (REJECTS_FILE, self._rejects)):
+            _sync(self.out_dir / name, f)
         if progress:
-            self._progress.write(progress)
-            self._progress.flush()
-            os.fsync(self._progress.fileno())
+            self._log(progress, progress.count(b"\n"))
+
+    def _log(self, entries: bytes, count: int) -> None:
+        """Append ``count`` entries to the log, durably; fold it once it holds ``FOLD_AT``."""
+        path = self.out_dir / PROGRESS_FILE
+        with files.writing(path):
+            self._progress.write(entries)
+        _sync(path, self._progress)
+        self.checkpoint.log_entries += count
+        state = self.checkpoint.state
+        if state is not None and self.checkpoint.log_entries >= self._fold_at:
+            fold_log(state, path)  # durable before the log is emptied
+            with files.writing(path):
+                os.ftruncate(self._progress.fileno(), 0)
+                os.fsync(self._progress.fileno())
+            self.checkpoint.log_entries = 0
 
     def _tidy_failures(self) -> int:
         """Count the earlier losses of the units to run again (``stats.lost_before``) and
@@ -218,30 +249,41 @@ class OutputWriter:
         if old_file is not None:
             old_file.close()
         tmp = path.with_suffix(".tmp")
-        with path.open("rb") as old, tmp.open("wb") as new:
+        with path.open("rb") as old, files.writing(path), tmp.open("wb") as new:
             at = 0
             for line in old:
                 if keep(orjson.loads(line), at):
                     new.write(line)
                 at += len(line)
-            new.flush()
-            os.fsync(new.fileno())
+            _sync(path, new)
             length = self.checkpoint.lengths[FAILURES_FILE] = new.tell()
-        os.replace(tmp, path)
-        self._progress.write(self.checkpoint.lengths_line())
-        self._progress.flush()
-        os.fsync(self._progress.fileno())
+        files.replace(tmp, path)
+        self._log(self.checkpoint.lengths_line(), 1)
         return length
 
     def _open(self, name: str) -> IO[bytes]:
         path = self.out_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("ab")
+        with files.writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path.open("ab")
 
     def close(self) -> None:
-        """Close every file the writer holds open (``run`` does it when it ends)."""
-        for f in (*self._files.values(), self._rejects, self._progress):
-            f.close()
+        """Close every file the writer holds open (``run`` does it when it ends); each is
+        closed even if another fails, and the first failure is raised after."""
+        named = (
+            *self._files.items(),
+            (REJECTS_FILE, self._rejects),
+            (PROGRESS_FILE, self._progress),
+        )
+        failed: BaseException | None = None
+        for name, f in named:
+            try:
+                with files.writing(self.out_dir / name):
+                    f.close()  # flushes what is buffered: a full disk can show here
+            except Exception as err:
+                failed = failed or err
+        if failed is not None:
+            raise failed
 
     def __repr__(self) -> str:
         return f"<OutputWriter {self.out_dir} files={sorted(self._files)} {self.checkpoint!r}>"
@@ -271,6 +313,13 @@ def _failure_line(seed: SeedRow, gen_type: str, failure: Failure) -> bytes:
         "at": failure.at,
     }
     return orjson.dumps(entry) + b"\n"
+
+
+def _sync(path: Path, f: IO[bytes]) -> None:
+    """Flush ``f`` (the file at ``path``) and fsync it; a full disk is ``OutputWriteError``."""
+    with files.writing(path):
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _drain(queue: asyncio.Queue[WriterItem | None]) -> list[WriterItem | None]:

@@ -184,7 +184,26 @@ async def _generate(
     preflight: bool,
 ) -> int | None:
     """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
-    checkpoint = _resume(config, force=force)
+    # Off the event loop: a long log is folded into state.sqlite here.
+    checkpoint = await asyncio.to_thread(_resume, config, force=force)
+    try:
+        return await _run_pipeline(
+            config, stats, checkpoint, cache=cache, retry_failed=retry_failed, preflight=preflight
+        )
+    finally:
+        checkpoint.close()
+
+
+async def _run_pipeline(
+    config: Config,
+    stats: Stats,
+    checkpoint: Checkpoint,
+    *,
+    cache: bool,
+    retry_failed: bool,
+    preflight: bool,
+) -> int | None:
+    """The run itself, over ``checkpoint`` (loaded, its manifest checked)."""
     types = list(config.generation.types)
     # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
     # the config and running the same command recovers them.
@@ -215,7 +234,9 @@ async def _generate(
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
         flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
-        writer = OutputWriter(config.output.dir, types, checkpoint, stats, retrying=redo)
+        writer = await asyncio.to_thread(
+            OutputWriter, config.output.dir, types, checkpoint, stats, retrying=redo
+        )
         scheduler = Scheduler(
             [flows[t] for t in types],
             writer,
@@ -237,10 +258,18 @@ def _resume(config: Config, *, force: bool) -> Checkpoint:
     ``force``); ``ConfigError`` when it does not (``engine.output.manifest``)."""
     out_dir = config.output.dir
     checkpoint = load_checkpoint(out_dir)
-    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
-    manifest.check_and_write(
-        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
-    )
+    try:
+        with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+        manifest.check_and_write(
+            out_dir,
+            config,
+            has_output=bool(checkpoint.done),
+            force=force,
+            with_records=with_records,
+        )
+    except BaseException:
+        checkpoint.close()
+        raise
     return checkpoint
 
 
