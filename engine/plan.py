@@ -20,7 +20,8 @@ from engine.errors import ConfigError
 from engine.flows import Flow, build_flows
 from engine.flows.planning import StagePlan
 from engine.output.checkpoint import Checkpoint, DoneUnits, read_checkpoint
-from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
+from engine.pipeline.resume import ResumePoint, resume_point
+from engine.seeds import Reject, SeedRow, seed_file_problem
 from engine.teacher.protocol import ChatReply, ChatRequest
 
 DEFAULT_LATENCY_S = 5.0
@@ -91,12 +92,18 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
         raise ConfigError([problem])
     checkpoint = Checkpoint() if fresh else read_checkpoint(config.output.dir)
     with contextlib.closing(checkpoint):
-        return _count(config, build_flows(config, _Offline()), checkpoint.done)
+        flows = build_flows(config, _Offline())
+        resume = resume_point(
+            seeds, config.input.max_document_chars, list(flows), checkpoint, config.output.dir
+        )
+        return _count(flows, checkpoint.done, resume)
 
 
-def _count(config: Config, flows: Mapping[str, Flow], done: DoneUnits) -> Plan:
-    plan = Plan(stages={gen_type: {} for gen_type in flows})
-    for item in read_seeds(config.input.seeds, config.input.max_document_chars):
+def _count(flows: Mapping[str, Flow], done: DoneUnits, resume: ResumePoint) -> Plan:
+    """Rows before the resume point are done, all their units: counted, not read."""
+    mark = resume.mark
+    plan = Plan(mark.rows, mark.rejects, mark.rows * len(flows), {t: {} for t in flows})
+    for item in resume.seeds_after():
         if isinstance(item, Reject):
             plan.rejects += 1
             continue

@@ -26,8 +26,9 @@ from typing import Any
 import orjson
 
 from engine.output.files import writing
-from engine.output.state import ResumeState
+from engine.output.state import STATE_FILE, ResumeState
 from engine.output.unitset import UnitSet, doc_key
+from engine.output.watermark import Watermark
 
 __all__ = [
     "FAILURES_FILE",
@@ -42,6 +43,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "record_ids",
+    "store_mark",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,16 +72,29 @@ class DoneUnits:
     def __init__(self, state: ResumeState | None = None) -> None:
         self.state = state
         self._logged = UnitSet()
-        self._logged_lines: dict[int | str, int] = {}
+        # Seed row positions (line, byte offset) the log records, by document key.
+        self._logged_rows: dict[int | str, tuple[int, int]] = {}
         self._size: int | None = None
 
-    def add_logged(self, doc_id: str, gen_type: str, line: int | None) -> None:
-        """A unit the log records as finished."""
+    def add_logged(
+        self, doc_id: str, gen_type: str, line: int | None = None, at: int | None = None
+    ) -> None:
+        """A unit the log records as finished, and where its seed row was, if it says."""
         self._logged.add((doc_id, gen_type))
-        if line is not None:
+        if line is not None and at is not None:
             key = doc_key(doc_id)
-            self._logged_lines[key] = min(line, self._logged_lines.get(key, line))
+            known = self._logged_rows.get(key)
+            if known is None or line < known[0]:
+                self._logged_rows[key] = (line, at)
         self._size = None
+
+    def row_of(self, doc_id: str) -> tuple[int, int] | None:
+        """Where the seed row of ``doc_id`` was when its units finished: (line number, byte
+        offset), the first if several; None when no entry recorded it."""
+        rows = [] if self.state is None else [u.row for u in self.state.units_of(doc_id)]
+        rows.append(self._logged_rows.get(doc_key(doc_id)))
+        known = [row for row in rows if row is not None]
+        return min(known) if known else None
 
     def __contains__(self, unit: object) -> bool:
         if unit in self._logged:
@@ -91,10 +106,8 @@ class DoneUnits:
 
     def first_line(self, doc_id: str) -> int | None:
         """The first seed line at which a unit of ``doc_id`` was finished, when recorded."""
-        lines = [] if self.state is None else [u.line for u in self.state.units_of(doc_id)]
-        lines.append(self._logged_lines.get(doc_key(doc_id)))
-        known = [line for line in lines if line is not None]
-        return min(known) if known else None
+        row = self.row_of(doc_id)
+        return None if row is None else row[0]
 
     def __len__(self) -> int:
         if self._size is None:
@@ -127,10 +140,27 @@ class Checkpoint:
     lengths: dict[str, int] = field(default_factory=dict)
     # Entries in the log now: the writer folds it into the state when it reaches FOLD_AT.
     log_entries: int = 0
+    # How far the seed file is finished (engine.output.watermark), if recorded.
+    watermark: Watermark | None = None
+    # The output directory, when the checkpoint is its own (``load_checkpoint``).
+    out_dir: Path | None = None
 
     @property
     def state(self) -> ResumeState | None:
         """The open ``state.sqlite``, if any."""
+        return self.done.state
+
+    @property
+    def stores(self) -> bool:
+        """Whether the checkpoint has a directory to fold into and store watermarks in."""
+        return self.out_dir is not None
+
+    def writable_state(self) -> ResumeState:
+        """``state.sqlite``, created now if there is none yet. Needs ``out_dir``."""
+        if self.done.state is None:
+            assert self.out_dir is not None, "a checkpoint without a directory"
+            self.done.state = ResumeState.open(self.out_dir)
+        assert self.done.state is not None
         return self.done.state
 
     def is_done(self, doc_id: str, gen_type: str) -> bool:
@@ -144,7 +174,7 @@ class Checkpoint:
         if "doc_id" not in entry:
             return
         unit = (entry["doc_id"], entry["gen_type"])
-        self.done.add_logged(*unit, entry.get("line"))
+        self.done.add_logged(*unit, entry.get("line"), entry.get("at"))
         if entry.get("failures"):
             self.failed.add(unit)
         else:
@@ -200,17 +230,19 @@ def load_checkpoint(out_dir: Path, *, fold_at: int = FOLD_AT) -> Checkpoint:
     ``OutputWriteError`` when the state cannot be written, ``ConfigError`` when it is unusable.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = ResumeState.open(out_dir)
-    assert state is not None
+    checkpoint = Checkpoint(out_dir=out_dir)
     try:
-        checkpoint = _load(out_dir, state, fold_at)
+        _load(checkpoint, out_dir, fold_at)
     except BaseException:
-        state.close()
+        checkpoint.close()
         raise
     return checkpoint
 
 
-def _load(out_dir: Path, state: ResumeState, fold_at: int) -> Checkpoint:
+def _load(checkpoint: Checkpoint, out_dir: Path, fold_at: int) -> None:
+    """Fill the empty ``checkpoint`` from ``out_dir``: ``load_checkpoint``."""
+    # Not created before it is needed (a fold, a watermark): a short run writes no database.
+    checkpoint.done.state = ResumeState.open(out_dir, create=False)
     progress = out_dir / PROGRESS_FILE
     entries: list[dict[str, Any]] = []
     folded = 0
@@ -219,23 +251,23 @@ def _load(out_dir: Path, state: ResumeState, fold_at: int) -> Checkpoint:
         entries.append(entry)
         good_end = end
         if len(entries) >= fold_at or (folded and len(entries) >= _FOLD_CHUNK):
-            state.apply(entries)
+            checkpoint.writable_state().apply(entries)
             folded += len(entries)
             entries = []
     if folded:
-        state.apply(entries)
+        checkpoint.writable_state().apply(entries, log_folded=True)
         folded += len(entries)
         entries = []
-        log.info("resume: %d entries of %s folded into %s", folded, progress, state.path)
+        log.info("resume: %d entries of %s folded into %s", folded, progress, STATE_FILE)
         good_end = 0
     if progress.exists():
         _truncate(progress, good_end)
-    checkpoint = Checkpoint(DoneUnits(state), state.failed(), state.lengths())
+    if checkpoint.state is not None:
+        _restore(checkpoint, checkpoint.state, good_end)
     for entry in entries:
         checkpoint.record(entry)
     for name in _output_files(out_dir):
         _truncate(out_dir / name, checkpoint.lengths.get(name, 0))
-    return checkpoint
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint:
@@ -243,14 +275,43 @@ def read_checkpoint(out_dir: Path) -> Checkpoint:
     folded or created. The log is read whole (bounded by the writer's folds; an output
     directory from before ``state.sqlite`` has all its units there)."""
     state = ResumeState.open(out_dir, read_only=True)
-    checkpoint = (
-        Checkpoint()
-        if state is None
-        else Checkpoint(DoneUnits(state), state.failed(), state.lengths())
-    )
-    for entry, _ in _entries(out_dir / PROGRESS_FILE):
+    progress = out_dir / PROGRESS_FILE
+    size = progress.stat().st_size if progress.exists() else 0
+    checkpoint = Checkpoint()
+    if state is not None:
+        checkpoint.done.state = state
+        _restore(checkpoint, state, size)
+    for entry, _ in _entries(progress):
         checkpoint.record(entry)
     return checkpoint
+
+
+def _restore(checkpoint: Checkpoint, state: ResumeState, log_bytes: int) -> None:
+    """Set ``checkpoint`` to what ``state`` holds, before the log's entries (``log_bytes``)."""
+    checkpoint.failed = state.failed()
+    checkpoint.lengths = state.lengths()
+    checkpoint.watermark = _mark(state, log_bytes)
+
+
+def _mark(state: ResumeState, log_bytes: int) -> Watermark | None:
+    """The stored watermark, unless it covers units of a log longer than the one found."""
+    stored = state.meta("watermark")
+    if not isinstance(stored, dict):
+        return None
+    mark = Watermark.from_json(stored.get("mark"))
+    if mark is not None and stored.get("log_bytes", 0) > log_bytes:
+        log.warning(
+            "%s is shorter than when the watermark was stored: the seed file is read from the "
+            "top (only units recorded as done are skipped)",
+            PROGRESS_FILE,
+        )
+        return None
+    return mark
+
+
+def store_mark(state: ResumeState, mark: Watermark, log_bytes: int) -> None:
+    """Store ``mark``, whose units are all in the state or the log's first ``log_bytes``."""
+    state.set_meta("watermark", {"mark": mark.to_json(), "log_bytes": log_bytes})
 
 
 def fold_log(state: ResumeState, progress: Path) -> int:
@@ -264,7 +325,7 @@ def fold_log(state: ResumeState, progress: Path) -> int:
             state.apply(chunk)
             folded += len(chunk)
             chunk = []
-    state.apply(chunk)
+    state.apply(chunk, log_folded=True)
     return folded + len(chunk)
 
 

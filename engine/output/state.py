@@ -16,9 +16,12 @@ Tables (``PRAGMA user_version`` is ``STATE_VERSION``):
 - ``counts(type, units)``: finished units per type, kept up to date by a trigger, so that a
   resume knows how many units are done without counting them.
 - ``files(name, length)``: every output file's committed length in bytes.
-- ``meta(key, value)``: ``watermark``, JSON (``engine.output.watermark``).
+- ``meta(key, value)``: ``watermark``, JSON: ``{"mark": ..., "log_bytes": n}``
+  (``engine.output.watermark``), stored by the writer every few seconds once the units it
+  covers are in the log, within its first ``n`` bytes (0 once the log is folded): a log
+  found shorter (deleted, cut by hand) voids it.
 
-Every entry sets values (a unit's, the lengths, the watermark) and the last one wins, so
+Every entry sets values (a unit's, the lengths) and the last one wins, so
 applying entries again is harmless: a fold cut short (kill -9, power loss, a full disk) is
 simply done again. Commits are durable (``synchronous=FULL``) before the log they fold is
 truncated. One connection, used under a lock from whichever thread calls (the writer's fold,
@@ -31,7 +34,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -89,6 +92,11 @@ class DoneUnit:
     line: int | None
     at: int | None
 
+    @property
+    def row(self) -> tuple[int, int] | None:
+        """(line, byte offset) of the seed row, when recorded."""
+        return None if self.line is None or self.at is None else (self.line, self.at)
+
 
 class ResumeState:
     """An open ``state.sqlite``. ``ResumeState.open(out_dir)``; ``close()`` when done."""
@@ -104,14 +112,15 @@ class ResumeState:
         self._load_types()
 
     @classmethod
-    def open(cls, out_dir: Path, *, read_only: bool = False) -> Self | None:
-        """Open (or create) ``<out_dir>/state.sqlite``. Read-only: None when there is none.
+    def open(cls, out_dir: Path, *, read_only: bool = False, create: bool = True) -> Self | None:
+        """Open (or create) ``<out_dir>/state.sqlite``; None when there is none and it is
+        opened read-only or not to be created.
 
         Raises ``ConfigError`` for a state written by a newer engine or a file that is not a
         state database, ``OutputWriteError`` when it cannot be written (disk full, read-only).
         """
         path = out_dir / STATE_FILE
-        if read_only and not path.exists():
+        if (read_only or not create) and not path.exists():
             return None
         try:
             conn = _connect(path, read_only=read_only)
@@ -156,15 +165,6 @@ class ResumeState:
                 failed.add((doc_id_of(doc), self._names[code]))
         return failed
 
-    def positions(self, units: Iterable[tuple[str, str]]) -> dict[tuple[str, str], DoneUnit]:
-        """Where the seed rows of ``units`` were, for the units the state holds."""
-        found = {}
-        for doc_id, gen_type in units:
-            for unit in self.units_of(doc_id):
-                if unit.gen_type == gen_type:
-                    found[(doc_id, gen_type)] = unit
-        return found
-
     def lengths(self) -> dict[str, int]:
         """Every output file's committed length (bytes), by path relative to the directory."""
         with self._lock:
@@ -178,16 +178,16 @@ class ResumeState:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def apply(self, entries: Sequence[Mapping[str, Any]]) -> None:
+    def apply(self, entries: Sequence[Mapping[str, Any]], *, log_folded: bool = False) -> None:
         """Apply progress entries (``engine.output.checkpoint``) in one durable transaction:
-        finished units, the files' lengths as the last entry has them, the last watermark.
+        finished units, and the files' lengths as the last entry has them. ``log_folded``:
+        these are the log's last entries, so the watermark no longer needs any of the log.
 
         Raises ``OutputWriteError`` when the file cannot be written; nothing is applied then.
         """
-        if not entries:
+        if not entries and not log_folded:
             return
         units = []
-        watermark = None
         for entry in entries:
             if "doc_id" in entry:
                 code = self._code(entry["gen_type"])
@@ -200,19 +200,27 @@ class ResumeState:
                         entry.get("at"),
                     )
                 )
-            if "watermark" in entry:
-                watermark = entry["watermark"]
-        lengths = entries[-1]["lengths"]
         with self._lock, self._writing():
             self._conn.executemany(_UPSERT_UNIT, units)
-            self._conn.execute("DELETE FROM files")
-            self._conn.executemany("INSERT INTO files VALUES (?, ?)", lengths.items())
-            if watermark is not None:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('watermark', ?)",
-                    (orjson.dumps(watermark),),
-                )
+            if entries:
+                self._conn.execute("DELETE FROM files")
+                lengths = entries[-1]["lengths"]
+                self._conn.executemany("INSERT INTO files VALUES (?, ?)", lengths.items())
+            if log_folded:
+                row = self._conn.execute("SELECT value FROM meta WHERE key = 'watermark'")
+                if (found := row.fetchone()) is not None:
+                    stored = {**orjson.loads(found[0]), "log_bytes": 0}
+                    self._conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'watermark'", (orjson.dumps(stored),)
+                    )
             self._memo = None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store ``value`` (JSON) under ``key`` in ``meta``, durably."""
+        with self._lock, self._writing():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, orjson.dumps(value))
+            )
 
     def close(self) -> None:
         """Close the database (idempotent)."""

@@ -18,16 +18,18 @@ from engine.flows import build_flows, stage_settings
 from engine.output import manifest
 from engine.output.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
 from engine.output.lock import DirectoryLock
+from engine.output.watermark import RowTracker
 from engine.output.writer import OutputWriter
 from engine.pipeline.breaker import Breaker
 from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
+from engine.pipeline.resume import ResumePoint, resume_point
 from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
 from engine.pipeline.stats import Stats, TeacherSnapshot
 from engine.progress.display import show_progress
-from engine.seeds import read_seeds, seed_file_problem
+from engine.seeds import seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
@@ -79,11 +81,11 @@ async def _checked(config: Config, teacher: HTTPTeacher, stats: Stats) -> Config
     return config
 
 
-def _work_to_do(config: Config, types: Sequence[str], want: Callable[[str, str], bool]) -> bool:
+def _work_to_do(
+    resume: ResumePoint, types: Sequence[str], want: Callable[[str, str], bool]
+) -> bool:
     """Whether any unit is to run (a finished output needs no preflight)."""
-    with contextlib.closing(
-        read_seeds(config.input.seeds, config.input.max_document_chars)
-    ) as seeds:
+    with contextlib.closing(resume.seeds()) as seeds:
         return any_wanted(seeds, types, want)
 
 
@@ -212,6 +214,16 @@ async def _run_pipeline(
     _log_resume(config, checkpoint, only, redo)
     if only is not None and not only:
         return None
+    seeds = config.input.seeds
+    resume = await asyncio.to_thread(
+        resume_point,
+        seeds,
+        config.input.max_document_chars,
+        types,
+        checkpoint,
+        config.output.dir,
+        only if only is not None else redo,
+    )
     limits = config.limits
     limiter = RequestLimiter(
         limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
@@ -230,12 +242,22 @@ async def _run_pipeline(
         stack.enter_context(shutdown.installed(task))
         stack.push(partial(_absorb_own_cancel, shutdown, task))
         wants = partial(_wants, checkpoint, only, redo)
-        if preflight and await asyncio.to_thread(_work_to_do, config, types, wants):
+        if preflight and await asyncio.to_thread(_work_to_do, resume, types, wants):
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
         flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
         writer = await asyncio.to_thread(
-            OutputWriter, config.output.dir, types, checkpoint, stats, retrying=redo
+            partial(
+                OutputWriter,
+                config.output.dir,
+                types,
+                checkpoint,
+                stats,
+                retrying=redo,
+                # --retry-failed runs only some units: the seed file is not finished behind it.
+                tracker=None if only is not None else RowTracker(resume.mark),
+                rejects_from=resume.mark.rejects_end if resume.skips else None,
+            )
         )
         scheduler = Scheduler(
             [flows[t] for t in types],
@@ -245,11 +267,12 @@ async def _run_pipeline(
             config.workers,
             only=only,
             redo=redo,
+            resume=resume,
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
-        async with show_progress(config, stats, limiter, scheduler):
-            await scheduler.run(read_seeds(config.input.seeds, config.input.max_document_chars))
+        async with show_progress(config, stats, limiter, scheduler, resume=resume):
+            await scheduler.run(resume.seeds())
     return shutdown.exit_code
 
 
