@@ -110,6 +110,7 @@ def build(
             "retries_by_reason": dict(sorted(teacher.retries.items())),
             "from_cache": teacher.cache_hits,
         },
+        "cache": _cache_entry(stats),
         "failed_items_by_kind": dict(sorted(stats.failures.items())),
         "lost_items": _lost_items(stats),
         "preflight": {
@@ -216,6 +217,20 @@ def _rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+def _cache_entry(stats: Stats) -> dict[str, Any] | None:
+    """The response cache's file, size and bound; None when the run used none."""
+    cache = stats.cache_at_end
+    if cache is None:
+        return None
+    return {
+        "path": str(Path(cache.path).resolve()),
+        "size_bytes": cache.size_bytes,
+        "max_bytes": cache.max_bytes or None,
+        "stored": cache.stored,
+        "evicted": cache.evicted,
+    }
+
+
 def _lost_items(stats: Stats) -> dict[str, Any]:
     """Items lost by earlier runs that this run ran again, how many it won back, and what
     failures.jsonl lists at the end (for the run's types), by reason."""
@@ -262,6 +277,7 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
         f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
         f"{req['from_cache']} answered from cache{_preflight(report)}",
+        *_cache_line(report),
         f"  failed items: {sum(report['failed_items_by_kind'].values())}"
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
         *_lost_line(report),
@@ -272,6 +288,15 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _cache_line(report: Mapping[str, Any]) -> list[str]:
+    cache = report.get("cache")
+    if not cache:
+        return []
+    bound = f" of {cache['max_bytes'] / 1e9:g} GB" if cache["max_bytes"] else ""
+    evicted = f", {cache['evicted']} oldest entries evicted" if cache["evicted"] else ""
+    return [f"  response cache: {cache['size_bytes'] / 1e6:.1f} MB{bound}{evicted}"]
 
 
 def _quality_rows(report: Mapping[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ from engine.pipeline.preflight import check as preflight_check
 from engine.pipeline.resume import ResumePoint, resume_point
 from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
-from engine.pipeline.stats import Stats, TeacherSnapshot
+from engine.pipeline.stats import CacheSnapshot, Stats, TeacherSnapshot
 from engine.progress.display import show_progress
 from engine.seeds import seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
@@ -233,7 +233,7 @@ async def _run_pipeline(
     stop = _FirstSignal(task.cancel)
     shutdown = Shutdown(config.run.grace_s, stop)
     async with contextlib.AsyncExitStack() as stack:
-        replies = stack.enter_context(ResponseCache.open(cache_path(config))) if cache else None
+        replies = await _open_cache(config, stats, stack) if cache else None
         teacher = await stack.enter_async_context(
             HTTPTeacher(config.teacher, config.retry, limiter, stats=stats.teacher, cache=replies)
         )
@@ -274,6 +274,24 @@ async def _run_pipeline(
         async with show_progress(config, stats, limiter, scheduler, resume=resume):
             await scheduler.run(resume.seeds())
     return shutdown.exit_code
+
+
+async def _open_cache(
+    config: Config, stats: Stats, stack: contextlib.AsyncExitStack
+) -> ResponseCache:
+    """The response cache, opened off the loop and closed (with its figures kept for the
+    report) when ``stack`` unwinds."""
+    bound = int(config.output.cache_max_gb * 1e9)
+    replies = await asyncio.to_thread(ResponseCache.open, cache_path(config), max_bytes=bound)
+
+    async def close() -> None:
+        await replies.aclose()
+        stats.cache_at_end = CacheSnapshot(
+            str(replies.path), replies.size_bytes, bound, replies.stored, replies.evicted
+        )
+
+    stack.push_async_callback(close)
+    return replies
 
 
 def _resume(config: Config, *, force: bool) -> Checkpoint:
