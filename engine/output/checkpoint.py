@@ -244,27 +244,23 @@ def _load(checkpoint: Checkpoint, out_dir: Path, fold_at: int) -> None:
     # Not created before it is needed (a fold, a watermark): a short run writes no database.
     checkpoint.done.state = ResumeState.open(out_dir, create=False)
     progress = out_dir / PROGRESS_FILE
-    entries: list[dict[str, Any]] = []
-    folded = 0
-    good_end = 0
-    for entry, end in _entries(progress):
-        entries.append(entry)
-        good_end = end
-        if len(entries) >= fold_at or (folded and len(entries) >= _FOLD_CHUNK):
-            checkpoint.writable_state().apply(entries)
-            folded += len(entries)
-            entries = []
-    if folded:
-        checkpoint.writable_state().apply(entries, log_folded=True)
-        folded += len(entries)
-        entries = []
+    # Count the log's entries up to fold_at (a long log is folded, not held), and find where
+    # the last complete one ends.
+    entries = good_end = 0
+    for _, end in _entries(progress):
+        entries, good_end = entries + 1, end
+        if entries >= fold_at:
+            break
+    if entries >= fold_at:
+        folded = fold_log(checkpoint.writable_state(), progress)
         log.info("resume: %d entries of %s folded into %s", folded, progress, STATE_FILE)
         good_end = 0
     if progress.exists():
         _truncate(progress, good_end)
     if checkpoint.state is not None:
         _restore(checkpoint, checkpoint.state, good_end)
-    for entry in entries:
+    checkpoint.log_entries = 0
+    for entry, _ in _entries(progress):  # the short log that is left, on top of the state
         checkpoint.record(entry)
     for name in _output_files(out_dir):
         _truncate(out_dir / name, checkpoint.lengths.get(name, 0))
