@@ -10,7 +10,6 @@ type.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ import orjson
 from engine import __version__
 from engine.config import Config
 from engine.config.secrets import redact
+from engine.output import files
 from engine.output.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.pipeline.stats import Kept, Stats
 from engine.progress.view import duration
@@ -244,15 +244,10 @@ def _lost_items(stats: Stats) -> dict[str, Any]:
 
 
 def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
-    """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename)."""
+    """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename,
+    directory fsync). A full disk or read-only file system: ``OutputWriteError``."""
     path = out_dir / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp")
-    data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_atomically(path, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     return path
 
 

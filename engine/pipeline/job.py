@@ -17,6 +17,7 @@ from engine.errors import ConfigError
 from engine.flows import build_flows, stage_settings
 from engine.output import manifest
 from engine.output.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
+from engine.output.files import write_problem
 from engine.output.lock import DirectoryLock
 from engine.output.watermark import RowTracker
 from engine.output.writer import OutputWriter
@@ -48,6 +49,8 @@ def check_paths(config: Config) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as err:
+        if fault := write_problem(out_dir, err):
+            raise fault from err  # the disk, not the configuration: exit 1, as mid-run
         problems.append(f"output.dir: cannot write to {out_dir}: {err.strerror or err}")
     if problems:
         raise ConfigError(problems)

@@ -207,11 +207,14 @@ class ResponseCache:
         await loop.run_in_executor(self._executor, lambda: None)
 
     def close(self) -> None:
-        """Commit what is pending, close the file and stop the cache's thread (waits)."""
+        """Commit what is pending, close the file and stop the cache's thread (waits).
+        Raises ``OutputWriteError`` if a write met a full disk, this last commit included:
+        the run ends on it as it would have at the next ``lookup``."""
         self.flush()
         with contextlib.suppress(RuntimeError):  # closed already
             self._executor.submit(self._close).result()
         self._executor.shutdown(wait=True)
+        self._raise_fatal()
 
     async def aclose(self) -> None:
         """``close`` without blocking the event loop."""
