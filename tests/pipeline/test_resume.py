@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from engine.config import Config
-from engine.output.checkpoint import load_checkpoint
+from engine.output.checkpoint import PROGRESS_FILE, load_checkpoint
+from engine.output.state import STATE_FILE
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.plan import make_plan
@@ -157,3 +158,30 @@ async def test_plan_counts_the_rows_before_the_watermark_without_reading_them(
     assert (after.rows, after.rejects, after.done) == (before.rows, before.rejects, before.done)
     assert (after.rows, after.rejects, after.done) == (DOCS - 1, 1, DOCS - 2)
     assert after.total() == before.total()
+
+
+async def test_an_output_directory_from_before_the_state_resumes_with_nothing_to_redo(
+    tmp_path: Path,
+) -> None:
+    """What an engine from before state.sqlite left: progress.jsonl alone, its entries without
+    seed positions. A run over it asks nothing again and leaves the output as it was."""
+    seeds, out = corpus(tmp_path / "seeds.jsonl", 12), tmp_path / "out"
+    async with running_simulator() as sim:
+        await run_job(config_for(sim.base_url, out, f'input.seeds="{seeds}"'), Stats())
+        (out / STATE_FILE).unlink()
+        progress = out / PROGRESS_FILE
+        entries = [orjson.loads(line) for line in progress.read_bytes().splitlines()]
+        for entry in entries:
+            entry.pop("line", None)
+            entry.pop("at", None)
+        progress.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in entries))
+        gen = {p: p.read_bytes() for p in out.glob("*/gen.jsonl")}
+        sent = len(pipeline_requests(sim))
+        stats = Stats()
+        await run_job(config_for(sim.base_url, out, f'input.seeds="{seeds}"'), stats)
+        assert len(pipeline_requests(sim)) == sent
+    assert sum(stats.units_skipped.values()) == 12 * 4
+    assert {p: p.read_bytes() for p in out.glob("*/gen.jsonl")} == gen
+    checkpoint = load_checkpoint(out)
+    assert len(checkpoint.done) == 12 * 4
+    checkpoint.close()
