@@ -1,6 +1,7 @@
 """Command line: ``python -m engine run|validate|plan CONFIG [--set section.key=value ...]``.
 
-Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials);
+Exit codes: 0 done; 1 the run stopped on a fatal error (e.g. rejected credentials, or a full
+or read-only disk: resumable once there is room);
 2 bad configuration, seeds path or output directory, or the output directory in use by
 another run (nothing was sent);
 3 the run finished but some items failed (listed in failures.jsonl);
@@ -16,12 +17,13 @@ import signal
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 from engine import __version__
 from engine.config import Config, TeacherConfig, load_config
 from engine.embedded.resolve import resolve_offline
-from engine.errors import ConfigError, FatalRunError
-from engine.output import report
+from engine.errors import ConfigError, FatalRunError, OutputWriteError
+from engine.output import files, report
 from engine.output.report import RunOutcome
 from engine.pipeline.job import check_paths, probe_teacher, run_job
 from engine.pipeline.stats import Stats
@@ -165,22 +167,12 @@ def _run(config: Config, options: dict[str, bool]) -> int:
             config, stats, options, RunOutcome(EXIT_FATAL, "crashed", report.describe_crash(err))
         )
         raise
-    _report(config, stats, options, outcome)
-    return outcome.exit_code
+    return _report(config, stats, options, outcome)
 
 
 def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> RunOutcome:
     """Run the job; say how it ended (logging what the user should do about it)."""
-    fatal: list[Exception] = []
-    interrupted: int | None = None
-    try:
-        interrupted = asyncio.run(run_job(config, stats, **options))
-    except FatalRunError as err:
-        fatal.append(err)
-    except BaseExceptionGroup as group:
-        fatal.extend(_fatal_leaves(group))
-    except KeyboardInterrupt:  # before the engine's own signal handling was in place
-        interrupted = 128 + signal.SIGINT
+    interrupted, fatal = _run_job(config, stats, options)
     log.info("%s", stats.summary())
     if interrupted is not None:
         log.warning("interrupted: finished units are saved; run the same command to resume")
@@ -205,15 +197,41 @@ def _outcome(config: Config, stats: Stats, options: dict[str, bool]) -> RunOutco
     return RunOutcome(EXIT_OK, "done", "every unit finished")
 
 
-def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: RunOutcome) -> None:
-    """Write run_report.json and print its summary; a report that cannot be written is logged,
-    never allowed to change the exit code."""
+def _run_job(
+    config: Config, stats: Stats, options: dict[str, bool]
+) -> tuple[int | None, list[Exception]]:
+    """Run the job: the exit code a signal asked for (or None), and the fatal errors that
+    stopped it (a full or read-only disk among them, however it surfaced)."""
+    try:
+        return asyncio.run(run_job(config, stats, **options)), []
+    except FatalRunError as err:
+        return None, [err]
+    except OSError as err:
+        if (problem := _write_fault(config.output.dir, err)) is None:
+            raise
+        return None, [problem]
+    except BaseExceptionGroup as group:
+        return None, _fatal_leaves(group, config.output.dir)
+    except KeyboardInterrupt:  # before the engine's own signal handling was in place
+        return 128 + signal.SIGINT, []
+
+
+def _report(config: Config, stats: Stats, options: dict[str, bool], outcome: RunOutcome) -> int:
+    """Write run_report.json and print its summary; return the run's exit code. A report that
+    cannot be written is logged; when the disk is full or read-only (``OutputWriteError``) a
+    run that ended well exits 1 all the same, since its output directory needs room."""
     content = report.build(config, stats, outcome, options)
+    code = outcome.exit_code
     try:
         report.write(config.output.dir, content)
+    except OutputWriteError as err:
+        log.error("run stopped: %s", err)
+        if code in (EXIT_OK, EXIT_FAILED_ITEMS):
+            code = EXIT_FATAL
     except OSError as err:
         log.error("could not write %s: %s", report.REPORT_FILE, err)
     print(report.summary(content), flush=True)
+    return code
 
 
 def _distinct(errors: list[Exception]) -> list[Exception]:
@@ -224,18 +242,35 @@ def _distinct(errors: list[Exception]) -> list[Exception]:
     return list(first.values())
 
 
-def _fatal_leaves(group: BaseExceptionGroup[BaseException]) -> list[Exception]:
-    """The FatalRunErrors inside ``group``; anything else is a bug and is re-raised."""
-    matched, rest = group.split(FatalRunError)
+def _fatal_leaves(group: BaseExceptionGroup[BaseException], out_dir: Path) -> list[Exception]:
+    """The FatalRunErrors inside ``group`` (a full or read-only disk among them, however it
+    surfaced: ``_write_fault``); anything else is a bug and is re-raised."""
+
+    def fatal(err: BaseException) -> bool:
+        return isinstance(err, FatalRunError) or (
+            isinstance(err, OSError) and _write_fault(out_dir, err) is not None
+        )
+
+    matched, rest = group.split(fatal)
     if rest is not None or matched is None:
         raise group
     leaves: list[Exception] = []
     for err in matched.exceptions:
         if isinstance(err, BaseExceptionGroup):
-            leaves.extend(_fatal_leaves(err))
+            leaves.extend(_fatal_leaves(err, out_dir))
+        elif isinstance(err, OSError):
+            leaves.append(_write_fault(out_dir, err) or err)
         elif isinstance(err, Exception):
             leaves.append(err)
     return leaves
+
+
+def _write_fault(out_dir: Path, err: OSError) -> OutputWriteError | None:
+    """A full disk, an exceeded quota or a read-only file system that no narrower handler
+    translated: the run's ``OutputWriteError`` all the same, naming the file when the error
+    does (else the output directory)."""
+    where = Path(err.filename) if isinstance(err.filename, str) else out_dir
+    return files.write_problem(where, err)
 
 
 def _routes(teacher: TeacherConfig) -> str:

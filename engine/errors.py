@@ -90,6 +90,21 @@ class Redirected(FatalRunError):
         )
 
 
+class OutputWriteError(FatalRunError):
+    """An output file cannot be written: the disk is full, a quota is exceeded, the file system
+    is read-only (``engine.output.files``). Every later write would fail the same way, so the
+    run stops; what it committed stays, and the same command resumes it once the cause is gone.
+    """
+
+    def __init__(self, path: object, reason: str, remedy: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cannot write {path}: {reason}: {remedy} and run the same command again: "
+            "nothing is lost"
+        )
+
+
 class SystematicFailure(FatalRunError):
     """Items keep being lost the same way across documents (``engine.pipeline.breaker``): every
     further request of the stage would be lost too."""

@@ -7,19 +7,21 @@ this module streams the seeds through it, adds up per stage and prints a table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from engine.config import Config, LimitsConfig
 from engine.embedded.resolve import resolve_offline
 from engine.errors import ConfigError
-from engine.flows import build_flows
+from engine.flows import Flow, build_flows
 from engine.flows.planning import StagePlan
-from engine.output.checkpoint import UnitSet, read_checkpoint
-from engine.seeds import Reject, SeedRow, read_seeds, seed_file_problem
+from engine.output.checkpoint import Checkpoint, DoneUnits, read_checkpoint
+from engine.pipeline.resume import ResumePoint, resume_point
+from engine.seeds import Reject, SeedRow, seed_file_problem
 from engine.teacher.protocol import ChatReply, ChatRequest
 
 DEFAULT_LATENCY_S = 5.0
@@ -88,10 +90,20 @@ def make_plan(config: Config, *, fresh: bool = False) -> Plan:
     seeds = config.input.seeds
     if problem := seed_file_problem(seeds, config.input.max_document_chars):
         raise ConfigError([problem])
-    done = UnitSet() if fresh else read_checkpoint(config.output.dir).done
-    flows = build_flows(config, _Offline())
-    plan = Plan(stages={gen_type: {} for gen_type in flows})
-    for item in read_seeds(seeds, config.input.max_document_chars):
+    checkpoint = Checkpoint() if fresh else read_checkpoint(config.output.dir)
+    with contextlib.closing(checkpoint):
+        flows = build_flows(config, _Offline())
+        resume = resume_point(
+            seeds, config.input.max_document_chars, list(flows), checkpoint, config.output.dir
+        )
+        return _count(flows, checkpoint.done, resume)
+
+
+def _count(flows: Mapping[str, Flow], done: DoneUnits, resume: ResumePoint) -> Plan:
+    """Rows before the resume point are done, all their units: counted, not read."""
+    mark = resume.mark
+    plan = Plan(mark.rows, mark.rejects, mark.rows * len(flows), {t: {} for t in flows})
+    for item in resume.seeds_after():
         if isinstance(item, Reject):
             plan.rejects += 1
             continue

@@ -58,10 +58,13 @@ class OutputConfig(_Section):
     """``[output]``: where the datasets, logs, report and response cache go."""
 
     dir: Path = Path("output/step_03")
-    """Where <type>/gen.jsonl, failures.jsonl, rejects.jsonl, progress.jsonl and
-    run_report.json go."""
+    """Where <type>/gen.jsonl, failures.jsonl, rejects.jsonl, the resume state
+    (progress.jsonl, state.sqlite) and run_report.json go."""
     cache: str = ""
     """The response cache (one SQLite file); "" = <dir>/cache.sqlite."""
+    cache_max_gb: float = Field(10.0, gt=0, le=1_000_000)
+    """The response cache's size bound, in GB (10^9 bytes): past it the oldest entries are
+    evicted and the file shrinks."""
 
 
 class TeacherConfig(_Section):

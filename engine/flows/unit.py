@@ -151,11 +151,14 @@ class Unit:
         """Run ``step`` (one request of ``stage`` for ``item``) as a branch of the unit."""
         guarded = self._guard(stage, item, step)
         try:
-            self._tg.create_task(guarded)
+            task = self._tg.create_task(guarded)
         except RuntimeError:  # the unit is shutting down after a fatal error
             guarded.close()
             step.close()
             raise
+        # A branch cancelled before its first step (a fatal error elsewhere) never awaits
+        # ``step``: close it, or it is reported as a coroutine never awaited. A no-op else.
+        task.add_done_callback(lambda _: step.close())
 
     async def _guard(self, stage: str, item: str, step: Coroutine[Any, Any, None]) -> None:
         try:

@@ -30,6 +30,7 @@ from typing import Any, Self
 import orjson
 
 from engine.errors import ConfigError, OutputInUse
+from engine.output.files import write_problem
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,14 @@ class DirectoryLock:
     @classmethod
     def acquire(cls, directory: Path) -> Self:
         """Lock ``directory`` (which must exist) at once, or raise ``OutputInUse`` naming the
-        process that holds it. ``ConfigError`` if the lock file cannot be created."""
+        process that holds it. ``ConfigError`` if the lock file cannot be created,
+        ``OutputWriteError`` if the disk is full or read-only."""
         path = directory / LOCK_FILE
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
+            if problem := write_problem(path, err):
+                raise problem from err
             raise ConfigError(
                 [f"output.dir: cannot create {path}: {err.strerror or err}"]
             ) from None
@@ -76,7 +80,13 @@ class DirectoryLock:
                 err.strerror,
             )
             return cls(path, None)
-        _write(fd, {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
+        try:
+            _write(fd, {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
+        except OSError as err:
+            os.close(fd)
+            if problem := write_problem(path, err):
+                raise problem from err
+            raise
         return cls(path, fd)
 
     @property

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -22,9 +21,11 @@ import orjson
 from engine import __version__
 from engine.config import Config
 from engine.errors import ConfigError
+from engine.output import files
 from engine.output.aside import aside_name
 from engine.output.lock import LOCK_FILE
 from engine.output.records import OUTPUT_SCHEMA
+from engine.output.state import STATE_FILE, STATE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def check_and_write(
     manifest = {
         "engine_version": __version__,
         "output_schema": OUTPUT_SCHEMA,
+        # What holds the resume state (progress.jsonl is folded into it): its format.
+        "state": {"file": STATE_FILE, "version": STATE_VERSION},
         "config_hash": _hash(merged),
         "settings": merged,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -106,9 +109,11 @@ def record_adapted(out_dir: Path, adapted: Sequence[str]) -> None:
 
 
 def _write(path: Path, manifest: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    os.replace(tmp, path)
+    """Replace the manifest durably (fsynced, then its directory): a power loss never leaves
+    an empty one that would stop the next resume. A full disk is ``OutputWriteError``."""
+    files.write_atomically(
+        path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    )
 
 
 def move_aside(out_dir: Path) -> Path | None:
@@ -119,8 +124,10 @@ def move_aside(out_dir: Path) -> Path | None:
         return None
     target = aside_name(out_dir, "old")
     try:
-        out_dir.rename(target)
+        files.rename_durably(out_dir, target)
     except OSError as err:
+        if problem := files.write_problem(out_dir, err):
+            raise problem from err
         raise ConfigError([f"--fresh: cannot move {out_dir} to {target}: {err}"]) from None
     log.warning("--fresh: previous output moved to %s", target)
     return target

@@ -10,7 +10,6 @@ type.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ import orjson
 from engine import __version__
 from engine.config import Config
 from engine.config.secrets import redact
+from engine.output import files
 from engine.output.checkpoint import FAILURES_FILE, PROGRESS_FILE, REJECTS_FILE, gen_name
 from engine.pipeline.stats import Kept, Stats
 from engine.progress.view import duration
@@ -112,6 +112,7 @@ def build(
             "retries_by_reason": dict(sorted(teacher.retries.items())),
             "from_cache": teacher.cache_hits,
         },
+        "cache": _cache_entry(stats),
         "failed_items_by_kind": dict(sorted(stats.failures.items())),
         "lost_items": _lost_items(stats),
         "preflight": {
@@ -218,6 +219,20 @@ def _rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+def _cache_entry(stats: Stats) -> dict[str, Any] | None:
+    """The response cache's file, size and bound; None when the run used none."""
+    cache = stats.cache_at_end
+    if cache is None:
+        return None
+    return {
+        "path": str(Path(cache.path).resolve()),
+        "size_bytes": cache.size_bytes,
+        "max_bytes": cache.max_bytes or None,
+        "stored": cache.stored,
+        "evicted": cache.evicted,
+    }
+
+
 def _lost_items(stats: Stats) -> dict[str, Any]:
     """Items lost by earlier runs that this run ran again, how many it won back, and what
     failures.jsonl lists at the end (for the run's types), by reason."""
@@ -231,15 +246,10 @@ def _lost_items(stats: Stats) -> dict[str, Any]:
 
 
 def write(out_dir: Path, report: Mapping[str, Any]) -> Path:
-    """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename)."""
+    """Write ``report`` to ``out_dir/run_report.json`` atomically (temp file, fsync, rename,
+    directory fsync). A full disk or read-only file system: ``OutputWriteError``."""
     path = out_dir / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp")
-    data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_atomically(path, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     return path
 
 
@@ -264,6 +274,7 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  seed rows: {valid} valid, {seeds['rejected_rows']} rejected ({seeds['rejects_file']})",
         f"  requests: {req['sent']} sent, {req['retried']} retried{_reasons(req)}, "
         f"{req['from_cache']} answered from cache{_preflight(report)}",
+        *_cache_line(report),
         f"  failed items: {sum(report['failed_items_by_kind'].values())}"
         f"{_by_kind(report['failed_items_by_kind'])} ({files['failures']})",
         *_lost_line(report),
@@ -274,6 +285,15 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  report: {files['report']}",
     ]
     return "\n".join(lines)
+
+
+def _cache_line(report: Mapping[str, Any]) -> list[str]:
+    cache = report.get("cache")
+    if not cache:
+        return []
+    bound = f" of {cache['max_bytes'] / 1e9:g} GB" if cache["max_bytes"] else ""
+    evicted = f", {cache['evicted']} oldest entries evicted" if cache["evicted"] else ""
+    return [f"  response cache: {cache['size_bytes'] / 1e6:.1f} MB{bound}{evicted}"]
 
 
 def _quality_rows(report: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,16 +24,21 @@ from typing import IO, Any
 
 import orjson
 
+from engine.output import files
 from engine.output.checkpoint import (
     FAILURES_FILE,
+    FOLD_AT,
     PROGRESS_FILE,
     REJECTS_FILE,
     Checkpoint,
     UnitSet,
+    fold_log,
     gen_name,
     record_ids,
+    store_mark,
 )
 from engine.output.records import Failure, UnitResult
+from engine.output.watermark import RowTracker, Watermark
 from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow
 
@@ -49,6 +55,8 @@ class UnitDone:
 
 
 WriterItem = UnitDone | Reject
+# The watermark is stored at most this often (seconds), and when the writer ends.
+MARK_EVERY_S = 2.0
 
 
 class OutputWriter:
@@ -61,11 +69,29 @@ class OutputWriter:
         checkpoint: Checkpoint,
         stats: Stats,
         retrying: UnitSet | None = None,
+        *,
+        fold_at: int = FOLD_AT,
+        tracker: RowTracker | None = None,
+        rejects_from: int | None = None,
     ) -> None:
         """``retrying``: done units that are run again for the items they lost; only their
         records not yet written are added, and their old failure lines are dropped at the
-        end. Their earlier losses are counted in ``stats.lost_before``."""
+        end. Their earlier losses are counted in ``stats.lost_before``. ``fold_at``: log
+        entries past which the log is folded into the checkpoint's ``state.sqlite``.
+        ``tracker``: the run's watermark (the producer registers rows, the writer reports
+        them committed and records the watermark in the log). ``rejects_from``: keep that
+        many bytes of ``rejects.jsonl`` (the rejects of the rows before the resume point)
+        instead of starting it afresh.
+
+        Reads the failures file (and, for ``retrying`` units, their types' records): build
+        it off the event loop. Raises ``OutputWriteError`` when a file cannot be written."""
         self.out_dir = out_dir
+        self._fold_at = fold_at
+        self.tracker = tracker
+        self._marked = tracker.mark if tracker is not None else None
+        self._marked_at = time.monotonic()
+        # (seed line, rejects.jsonl length after a reject) of items written, not yet synced.
+        self._written: list[tuple[int, int | None]] = []
         self.checkpoint = checkpoint
         self.stats = stats
         self._types = frozenset(gen_types)
@@ -80,8 +106,13 @@ class OutputWriter:
         self._earlier_end = self._tidy_failures()
         for gen_type in gen_types:  # every type gets its file, even if no unit succeeds
             self._append(gen_name(gen_type), ())
-        # Rejects are recomputed from the seeds on every run, so the file starts afresh.
-        self._rejects = (out_dir / REJECTS_FILE).open("wb")
+        # Rejects are recomputed from the seeds read, so the file starts afresh, or after the
+        # rejects of the rows before the resume point.
+        with files.writing(out_dir / REJECTS_FILE):
+            self._rejects = (out_dir / REJECTS_FILE).open("wb" if rejects_from is None else "ab")
+            if rejects_from is not None:
+                self._rejects.truncate(rejects_from)
+                self._rejects.seek(0, os.SEEK_END)
 
     async def run(self, queue: asyncio.Queue[WriterItem | None]) -> None:
         """Consume ``queue`` until ``None``. Cancelled, it still commits what already arrived:
@@ -95,33 +126,70 @@ class OutputWriter:
                     return
         except asyncio.CancelledError:
             items = [item for item in _drain(queue) if item is not None]
-            self._sync_and_record(b"".join(self._write(item) for item in items))
+            progress = b"".join(self._write(item) for item in items)
+            written, self._written = self._written, []
+            self._sync_and_record(progress)
+            self._committed(written)
             raise
         finally:
             try:
-                self._drop_redone_failures()
-            except OSError as err:  # the old lines stay; a later run drops them
-                log.error("could not rewrite %s: %s", FAILURES_FILE, err)
+                self._record_mark(every_s=0.0)
+                try:
+                    self._drop_redone_failures()
+                except OSError as err:  # the old lines stay; a later run drops them
+                    log.error("could not rewrite %s: %s", FAILURES_FILE, err)
             finally:
                 self.close()
 
     async def _commit(self, items: list[WriterItem]) -> None:
         progress = b"".join(self._write(item) for item in items)
-        sync = asyncio.ensure_future(asyncio.to_thread(self._sync_and_record, progress))
+        written, self._written = self._written, []
+        mark = self._mark_due()
+        sync = asyncio.ensure_future(asyncio.to_thread(self._sync_and_record, progress, mark))
         try:
             await asyncio.shield(sync)
         except asyncio.CancelledError:
             # The records are written: let their progress line follow before stopping, or
             # a resume would cut them off and redo the work.
             await sync
+            self._committed(written)
             raise
+        self._committed(written)
+
+    def _committed(self, written: list[tuple[int, int | None]]) -> None:
+        """Items now on disk, progress included: their rows may count as finished."""
+        if self.tracker is not None:
+            for line_no, rejects_end in written:
+                self.tracker.finished(line_no, rejects_end)
+
+    def _mark_due(self, every_s: float = MARK_EVERY_S) -> Watermark | None:
+        """The watermark, if it moved and was last stored ``every_s`` ago or more."""
+        tracker = self.tracker
+        if tracker is None or not self.checkpoint.stores or tracker.mark == self._marked:
+            return None
+        now = time.monotonic()
+        if now - self._marked_at < every_s:
+            return None
+        self._marked, self._marked_at = tracker.mark, now
+        return tracker.mark
+
+    def _record_mark(self, every_s: float) -> None:
+        if (mark := self._mark_due(every_s)) is not None:
+            self._store_mark(mark)
+
+    def _store_mark(self, mark: Watermark) -> None:
+        """Store the watermark in the state: the units it covers are in the log already."""
+        store_mark(self.checkpoint.writable_state(), mark, self._progress.tell())
 
     def _write(self, item: WriterItem) -> bytes:
         """Append one item's lines; return its progress line (empty for rejects)."""
         if isinstance(item, Reject):
-            self._rejects.write(orjson.dumps(item.record()) + b"\n")
+            with files.writing(self.out_dir / REJECTS_FILE):
+                self._rejects.write(orjson.dumps(item.record()) + b"\n")
+            self._written.append((item.line_no, self._rejects.tell()))
             self.stats.rejects += 1
             return b""
+        self._written.append((item.seed.line_no, None))
         result = item.result
         records = [r for r in result.records if r.id not in self._written_ids]
         self._append(gen_name(item.gen_type), (record.to_json() + b"\n" for record in records))
@@ -138,24 +206,47 @@ class OutputWriter:
         )
         self.stats.kept_records(item.gen_type, records)
         return self.checkpoint.progress_line(
-            item.seed.doc_id, item.gen_type, len(records), len(result.failures)
+            item.seed.doc_id,
+            item.gen_type,
+            len(records),
+            len(result.failures),
+            line=item.seed.line_no,
+            at=item.seed.at,
         )
 
     def _append(self, name: str, lines: Iterable[bytes]) -> None:
         f = self._files.get(name) or self._open(name)
         self._files[name] = f
-        for line in lines:
-            f.write(line)
+        with files.writing(self.out_dir / name):
+            for line in lines:
+                f.write(line)
         self.checkpoint.lengths[name] = f.tell()
 
-    def _sync_and_record(self, progress: bytes) -> None:
-        for f in (*self._files.values(), self._rejects):
-            f.flush()
-            os.fsync(f.fileno())
+    def _sync_and_record(self, progress: bytes, mark: Watermark | None = None) -> None:
+        """fsync every file, then append the units' progress entries and fsync the log;
+        fold the log into ``state.sqlite`` once it is long; store ``mark`` (a watermark
+        covering units of earlier commits only). Runs in a thread."""
+        for name, f in (*self._files.items(), (REJECTS_FILE, self._rejects)):
+            _sync(self.out_dir / name, f)
         if progress:
-            self._progress.write(progress)
-            self._progress.flush()
-            os.fsync(self._progress.fileno())
+            self._log(progress, progress.count(b"\n"))
+        if mark is not None:
+            self._store_mark(mark)
+
+    def _log(self, entries: bytes, count: int) -> None:
+        """Append ``count`` entries to the log, durably; fold it once it holds ``FOLD_AT``."""
+        path = self.out_dir / PROGRESS_FILE
+        with files.writing(path):
+            self._progress.write(entries)
+        _sync(path, self._progress)
+        self.checkpoint.log_entries += count
+        if self.checkpoint.stores and self.checkpoint.log_entries >= self._fold_at:
+            fold_log(self.checkpoint.writable_state(), path)  # durable before the log is emptied
+            with files.writing(path):
+                os.ftruncate(self._progress.fileno(), 0)
+                os.fsync(self._progress.fileno())
+                self._progress.seek(0, os.SEEK_END)  # tell() is the log's length again
+            self.checkpoint.log_entries = 0
 
     def _tidy_failures(self) -> int:
         """Count the earlier losses of the units to run again (``stats.lost_before``) and
@@ -218,30 +309,41 @@ class OutputWriter:
         if old_file is not None:
             old_file.close()
         tmp = path.with_suffix(".tmp")
-        with path.open("rb") as old, tmp.open("wb") as new:
+        with path.open("rb") as old, files.writing(path), tmp.open("wb") as new:
             at = 0
             for line in old:
                 if keep(orjson.loads(line), at):
                     new.write(line)
                 at += len(line)
-            new.flush()
-            os.fsync(new.fileno())
+            _sync(path, new)
             length = self.checkpoint.lengths[FAILURES_FILE] = new.tell()
-        os.replace(tmp, path)
-        self._progress.write(self.checkpoint.lengths_line())
-        self._progress.flush()
-        os.fsync(self._progress.fileno())
+        files.replace(tmp, path)
+        self._log(self.checkpoint.lengths_line(), 1)
         return length
 
     def _open(self, name: str) -> IO[bytes]:
         path = self.out_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("ab")
+        with files.writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path.open("ab")
 
     def close(self) -> None:
-        """Close every file the writer holds open (``run`` does it when it ends)."""
-        for f in (*self._files.values(), self._rejects, self._progress):
-            f.close()
+        """Close every file the writer holds open (``run`` does it when it ends); each is
+        closed even if another fails, and the first failure is raised after."""
+        named = (
+            *self._files.items(),
+            (REJECTS_FILE, self._rejects),
+            (PROGRESS_FILE, self._progress),
+        )
+        failed: BaseException | None = None
+        for name, f in named:
+            try:
+                with files.writing(self.out_dir / name):
+                    f.close()  # flushes what is buffered: a full disk can show here
+            except Exception as err:
+                failed = failed or err
+        if failed is not None:
+            raise failed
 
     def __repr__(self) -> str:
         return f"<OutputWriter {self.out_dir} files={sorted(self._files)} {self.checkpoint!r}>"
@@ -271,6 +373,13 @@ def _failure_line(seed: SeedRow, gen_type: str, failure: Failure) -> bytes:
         "at": failure.at,
     }
     return orjson.dumps(entry) + b"\n"
+
+
+def _sync(path: Path, f: IO[bytes]) -> None:
+    """Flush ``f`` (the file at ``path``) and fsync it; a full disk is ``OutputWriteError``."""
+    with files.writing(path):
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _drain(queue: asyncio.Queue[WriterItem | None]) -> list[WriterItem | None]:

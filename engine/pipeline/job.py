@@ -17,17 +17,20 @@ from engine.errors import ConfigError
 from engine.flows import build_flows, stage_settings
 from engine.output import manifest
 from engine.output.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
+from engine.output.files import write_problem
 from engine.output.lock import DirectoryLock
+from engine.output.watermark import RowTracker
 from engine.output.writer import OutputWriter
 from engine.pipeline.breaker import Breaker
 from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
+from engine.pipeline.resume import ResumePoint, resume_point
 from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
-from engine.pipeline.stats import Stats, TeacherSnapshot
+from engine.pipeline.stats import CacheSnapshot, Stats, TeacherSnapshot
 from engine.progress.display import show_progress
-from engine.seeds import read_seeds, seed_file_problem
+from engine.seeds import seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
 from engine.teacher.client import HTTPTeacher
 from engine.teacher.limits import RequestLimiter
@@ -53,7 +56,8 @@ def check_paths(config: Config) -> None:
 
 
 def _unwritable_dir(key: str, directory: Path) -> str:
-    """Why ``directory`` (for config ``key``) cannot be created or written ("" when it can)."""
+    """Why ``directory`` (for config ``key``) cannot be created or written ("" when it can);
+    ``OutputWriteError`` when the disk is full or read-only (``engine.output.files``)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -61,6 +65,8 @@ def _unwritable_dir(key: str, directory: Path) -> str:
     except (FileExistsError, NotADirectoryError):
         return f"{key}: {directory} is, or is inside, a file: give a folder"
     except OSError as err:
+        if fault := write_problem(directory, err):
+            raise fault from err  # the disk, not the configuration: exit 1, as mid-run
         return f"{key}: cannot write to {directory}: {err.strerror or err}"
     return ""
 
@@ -90,16 +96,16 @@ async def _checked(config: Config, teacher: HTTPTeacher, stats: Stats) -> Config
     teacher.wire = findings.wire
     for url, why in findings.down.items():
         teacher.endpoints.mark_down(url, f"{why} in the preflight")
-    if findings.adapted:
-        manifest.record_adapted(config.output.dir, findings.adapted)
+    if findings.adapted:  # a durable replace (two fsyncs): off the loop
+        await asyncio.to_thread(manifest.record_adapted, config.output.dir, findings.adapted)
     return config
 
 
-def _work_to_do(config: Config, types: Sequence[str], want: Callable[[str, str], bool]) -> bool:
+def _work_to_do(
+    resume: ResumePoint, types: Sequence[str], want: Callable[[str, str], bool]
+) -> bool:
     """Whether any unit is to run (a finished output needs no preflight)."""
-    with contextlib.closing(
-        read_seeds(config.input.seeds, config.input.max_document_chars)
-    ) as seeds:
+    with contextlib.closing(resume.seeds()) as seeds:
         return any_wanted(seeds, types, want)
 
 
@@ -200,7 +206,26 @@ async def _generate(
     preflight: bool,
 ) -> int | None:
     """``run_job`` once the paths are checked and the teacher is an HTTP endpoint."""
-    checkpoint = _resume(config, force=force)
+    # Off the event loop: a long log is folded into state.sqlite here.
+    checkpoint = await asyncio.to_thread(_resume, config, force=force)
+    try:
+        return await _run_pipeline(
+            config, stats, checkpoint, cache=cache, retry_failed=retry_failed, preflight=preflight
+        )
+    finally:
+        checkpoint.close()
+
+
+async def _run_pipeline(
+    config: Config,
+    stats: Stats,
+    checkpoint: Checkpoint,
+    *,
+    cache: bool,
+    retry_failed: bool,
+    preflight: bool,
+) -> int | None:
+    """The run itself, over ``checkpoint`` (loaded, its manifest checked)."""
     types = list(config.generation.types)
     # Units that lost items: run again, plain re-run or --retry-failed alike, so that fixing
     # the config and running the same command recovers them.
@@ -209,6 +234,16 @@ async def _generate(
     _log_resume(config, checkpoint, only, redo)
     if only is not None and not only:
         return None
+    seeds = config.input.seeds
+    resume = await asyncio.to_thread(
+        resume_point,
+        seeds,
+        config.input.max_document_chars,
+        types,
+        checkpoint,
+        config.output.dir,
+        only if only is not None else redo,
+    )
     limits = config.limits
     limiter = RequestLimiter(
         limits.requests_per_minute, limits.max_concurrency, limits.tokens_per_minute
@@ -218,7 +253,7 @@ async def _generate(
     stop = _FirstSignal(task.cancel)
     shutdown = Shutdown(config.run.grace_s, stop)
     async with contextlib.AsyncExitStack() as stack:
-        replies = stack.enter_context(ResponseCache.open(cache_path(config))) if cache else None
+        replies = await _open_cache(config, stats, stack) if cache else None
         teacher = await stack.enter_async_context(
             HTTPTeacher(config.teacher, config.retry, limiter, stats=stats.teacher, cache=replies)
         )
@@ -227,11 +262,23 @@ async def _generate(
         stack.enter_context(shutdown.installed(task))
         stack.push(partial(_absorb_own_cancel, shutdown, task))
         wants = partial(_wants, checkpoint, only, redo)
-        if preflight and await asyncio.to_thread(_work_to_do, config, types, wants):
+        if preflight and await asyncio.to_thread(_work_to_do, resume, types, wants):
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
         flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
-        writer = OutputWriter(config.output.dir, types, checkpoint, stats, retrying=redo)
+        writer = await asyncio.to_thread(
+            partial(
+                OutputWriter,
+                config.output.dir,
+                types,
+                checkpoint,
+                stats,
+                retrying=redo,
+                # --retry-failed runs only some units: the seed file is not finished behind it.
+                tracker=None if only is not None else RowTracker(resume.mark),
+                rejects_from=resume.mark.rejects_end if resume.skips else None,
+            )
+        )
         scheduler = Scheduler(
             [flows[t] for t in types],
             writer,
@@ -240,12 +287,31 @@ async def _generate(
             config.workers,
             only=only,
             redo=redo,
+            resume=resume,
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
-        async with show_progress(config, stats, limiter, scheduler):
-            await scheduler.run(read_seeds(config.input.seeds, config.input.max_document_chars))
+        async with show_progress(config, stats, limiter, scheduler, resume=resume):
+            await scheduler.run(resume.seeds())
     return shutdown.exit_code
+
+
+async def _open_cache(
+    config: Config, stats: Stats, stack: contextlib.AsyncExitStack
+) -> ResponseCache:
+    """The response cache, opened off the loop and closed (with its figures kept for the
+    report) when ``stack`` unwinds."""
+    bound = int(config.output.cache_max_gb * 1e9)
+    replies = await asyncio.to_thread(ResponseCache.open, cache_path(config), max_bytes=bound)
+
+    async def close() -> None:
+        await replies.aclose()
+        stats.cache_at_end = CacheSnapshot(
+            str(replies.path), replies.size_bytes, bound, replies.stored, replies.evicted
+        )
+
+    stack.push_async_callback(close)
+    return replies
 
 
 def _resume(config: Config, *, force: bool) -> Checkpoint:
@@ -253,10 +319,18 @@ def _resume(config: Config, *, force: bool) -> Checkpoint:
     ``force``); ``ConfigError`` when it does not (``engine.output.manifest``)."""
     out_dir = config.output.dir
     checkpoint = load_checkpoint(out_dir)
-    with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
-    manifest.check_and_write(
-        out_dir, config, has_output=bool(checkpoint.done), force=force, with_records=with_records
-    )
+    try:
+        with_records = {t for t in GEN_TYPES if checkpoint.lengths.get(gen_name(t), 0) > 0}
+        manifest.check_and_write(
+            out_dir,
+            config,
+            has_output=bool(checkpoint.done),
+            force=force,
+            with_records=with_records,
+        )
+    except BaseException:
+        checkpoint.close()
+        raise
     return checkpoint
 
 

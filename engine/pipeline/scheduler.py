@@ -4,18 +4,25 @@ The producer streams seed rows and turns each into (document, type) units; worke
 flow to the end (its stages advance branch by branch, never waiting for other units); the
 writer appends each finished unit. Bounded queues are the back-pressure: memory holds at most
 a few units per worker, whatever the corpus size.
+
+The producer reads and sorts the rows in a thread, a batch at a time (parsing a row and asking
+the resume state whether its units are done take microseconds each, and a resume may skip
+millions): the event loop gets control back between batches, so signals, progress and
+replies never wait behind the skipping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 
 from engine.flows import Flow
 from engine.output.checkpoint import Checkpoint, UnitSet
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
+from engine.pipeline.resume import ResumePoint
 from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow
 
@@ -25,6 +32,11 @@ log = logging.getLogger(__name__)
 QueuedUnit = tuple[SeedRow, Flow]
 # (document id, type) pairs.
 Units = AbstractSet[tuple[str, str]] | UnitSet
+# A row read and sorted off the loop: the row (or reject) and the flows of its wanted units.
+Sorted = tuple[SeedRow | Reject, list[Flow]]
+# A batch of rows ends after this many rows or this much time in the reading thread.
+BATCH_ROWS = 256
+BATCH_S = 0.005
 
 
 def wanted(checkpoint: Checkpoint, only: Units | None, redo: Units, unit: tuple[str, str]) -> bool:
@@ -59,11 +71,15 @@ class Scheduler:
         workers: int,
         only: Units | None = None,
         redo: Units = frozenset(),
+        resume: ResumePoint | None = None,
     ) -> None:
         """``only``: run just these units (``--retry-failed``), whether done or not;
-        ``redo``: also run these units although they are done (they lost items)."""
+        ``redo``: also run these units although they are done (they lost items);
+        ``resume``: where the seeds given to ``run`` start (``engine.pipeline.resume``): the
+        rows before it are counted as skipped, and the writer's watermark tracks the rest."""
         self.only = only
         self.redo = redo
+        self.resume = resume
         self.flows = flows
         self.writer = writer
         self.checkpoint = checkpoint
@@ -84,6 +100,10 @@ class Scheduler:
         """Process ``seeds`` to the end. Cancelled, the writer still commits finished units."""
         units = self._units
         results: asyncio.Queue[WriterItem | None] = asyncio.Queue(maxsize=self.workers)
+        if self.resume is not None:  # rows before it are done: counted, not read
+            self.stats.rejects += self.resume.mark.rejects
+            for flow in self.flows:
+                self.stats.units_skipped[flow.gen_type] += self.resume.rows_skipped
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.writer.run(results), name="writer")
             pool = [
@@ -104,18 +124,50 @@ class Scheduler:
         units: asyncio.Queue[QueuedUnit | None],
         results: asyncio.Queue[WriterItem | None],
     ) -> None:
-        for item in seeds:
-            if self.stopping:
+        rows = iter(seeds)
+        while not self.stopping:
+            batch = await asyncio.to_thread(self._read, rows)
+            if not batch:
                 return
+            for item, flows in batch:
+                if self.stopping:
+                    return
+                self._track(item, len(flows))
+                if isinstance(item, Reject):
+                    log.warning("seed line %d rejected: %s", item.line_no, item.reason)
+                    await results.put(item)
+                    continue
+                for flow in self.flows:
+                    if flow in flows:
+                        await units.put((item, flow))
+                    else:
+                        self.stats.units_skipped[flow.gen_type] += 1
+
+    def _read(self, rows: Iterator[SeedRow | Reject]) -> list[Sorted]:
+        """The next rows with the flows this run works on for each; in a thread (it parses
+        rows and queries the resume state). Empty at the end of the seeds."""
+        batch: list[Sorted] = []
+        deadline = time.monotonic() + BATCH_S
+        for item in rows:
             if isinstance(item, Reject):
-                log.warning("seed line %d rejected: %s", item.line_no, item.reason)
-                await results.put(item)
-                continue
-            for flow in self.flows:
-                if self.wanted(item.doc_id, flow.gen_type):
-                    await units.put((item, flow))
-                else:
-                    self.stats.units_skipped[flow.gen_type] += 1
+                batch.append((item, []))
+            else:
+                wanted = [f for f in self.flows if self.wanted(item.doc_id, f.gen_type)]
+                batch.append((item, wanted))
+            if len(batch) >= BATCH_ROWS or time.monotonic() >= deadline:
+                break
+        return batch
+
+    def _track(self, item: SeedRow | Reject, units: int) -> None:
+        """Tell the writer's watermark about a row read after the resume point."""
+        tracker = self.writer.tracker
+        start = self.resume.mark.line_no if self.resume is not None else 1
+        if tracker is None or item.end < 0 or item.line_no < start:
+            return
+        if isinstance(item, Reject):
+            tracker.row(item.line_no, item.end, 1, valid=False)
+        else:
+            tracker.row(item.line_no, item.end, units, valid=True)
 
     def wanted(self, doc_id: str, gen_type: str) -> bool:
         """Whether this run works on the unit (also asked by the progress count)."""

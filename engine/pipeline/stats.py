@@ -66,6 +66,18 @@ class TeacherSnapshot:
     concurrency_max: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    """The response cache as the run left it (``engine.teacher.cache``): its file, the bytes
+    in use, its bound (bytes; 0: none), and the entries stored and evicted by this run."""
+
+    path: str
+    size_bytes: int
+    max_bytes: int
+    stored: int
+    evicted: int
+
+
 @dataclass
 class Stats:
     """What the run has done so far. Single-threaded (one event loop): no locks needed."""
@@ -101,6 +113,8 @@ class Stats:
     teacher_model: str = ""
     # Its endpoints and limiter as the run left them; None until the run's client closes.
     teacher_at_end: TeacherSnapshot | None = None
+    # The response cache as the run left it; None without one (--no-cache) or until closed.
+    cache_at_end: CacheSnapshot | None = None
     # Reply choices by stage ("type/stage"): all of them, and the rejected ones by check
     # (schema checks such as no_json and the content checks of engine.flows.quality alike).
     replies: Counter[str] = field(default_factory=Counter)

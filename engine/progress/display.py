@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.logging import RichHandler
 
 from engine.config import Config, LimitsConfig
+from engine.pipeline.resume import ResumePoint
 from engine.pipeline.stats import Stats
 from engine.progress.view import Snapshot, TypeFigures, line, render
 from engine.seeds import SeedRow, read_seeds
@@ -83,22 +84,33 @@ def count_units(
     gen_types: Sequence[str],
     wanted: Callable[[str, str], bool],
     stopped: Callable[[], bool] = lambda: False,
+    *,
+    resume: ResumePoint | None = None,
 ) -> Totals | None:
     """Count the valid rows of the seed file and, per type, the units this run skips.
 
-    Returns None if ``stopped()`` turns true first. Call it before the run starts: ``wanted``
-    reads the checkpoint, which the writer changes as units finish.
+    With ``resume`` (``engine.pipeline.resume``), the rows before its mark are taken from its
+    figures, not read (those read again are asked about by their documents), and the file is
+    read from the mark on. Returns None if ``stopped()`` turns true first. Call it before the
+    run starts: ``wanted`` reads the checkpoint, which the writer changes as units finish.
     """
     rows = 0
     skipped = dict.fromkeys(gen_types, 0)
-    for item in read_seeds(path, max_document_chars):
-        if stopped():
-            return None
-        if isinstance(item, SeedRow):
-            rows += 1
-            for gen_type in gen_types:
-                if not wanted(item.doc_id, gen_type):
-                    skipped[gen_type] += 1
+    seeds = read_seeds(path, max_document_chars) if resume is None else resume.seeds_after()
+    if resume is not None:
+        rows = resume.mark.rows
+        for gen_type in gen_types:
+            skipped[gen_type] = resume.rows_skipped
+            skipped[gen_type] += sum(not wanted(doc, gen_type) for _, doc in resume.again)
+    with contextlib.closing(seeds):
+        for item in seeds:
+            if stopped():
+                return None
+            if isinstance(item, SeedRow):
+                rows += 1
+                for gen_type in gen_types:
+                    if not wanted(item.doc_id, gen_type):
+                        skipped[gen_type] += 1
     return Totals(rows, skipped)
 
 
@@ -276,10 +288,16 @@ class Progress:
 
 @contextlib.asynccontextmanager
 async def show_progress(
-    config: Config, stats: Stats, limiter: InFlight | None, scheduler: Pending
+    config: Config,
+    stats: Stats,
+    limiter: InFlight | None,
+    scheduler: Pending,
+    *,
+    resume: ResumePoint | None = None,
 ) -> AsyncIterator[Progress]:
-    """Count the units to do, then show progress around the block (``run_job`` wraps
-    ``scheduler.run`` in it). A stop request (signal) cuts the count short."""
+    """Count the units to do (from ``resume``'s figures and the rows after its mark, when
+    given), then show progress around the block (``run_job`` wraps ``scheduler.run`` in it).
+    A stop request (signal) cuts the count short."""
     gen_types = list(config.generation.types)
     stop = threading.Event()
     started = time.monotonic()
@@ -291,6 +309,7 @@ async def show_progress(
             gen_types,
             scheduler.wanted,
             lambda: stop.is_set() or scheduler.stopping,
+            resume=resume,
         )
     finally:
         stop.set()  # cancelled: the thread stops at its next row instead of reading on

@@ -131,7 +131,7 @@ class HTTPTeacher:
         body = canonical_body(request.payload(self.model, self.wire))
         # Looked up before the limiter and the endpoints: a hit spends neither.
         key = request_key(body) if self._cache is not None else None
-        if key is not None and (cached := self._cached(key)) is not None:
+        if key is not None and (cached := await self._cached(key)) is not None:
             return cached
         received = await self._with_retries(body, request.token_budget(), request.stage)
         if key is not None and self._cache is not None:
@@ -169,9 +169,9 @@ class HTTPTeacher:
                 raw = clean.encode()
         return ProbeReply(url, response.status, dict(response.headers), raw)
 
-    def _cached(self, key: bytes) -> ChatReply | None:
+    async def _cached(self, key: bytes) -> ChatReply | None:
         """The stored reply for ``key``, if any; its tokens were counted when it was received."""
-        raw = self._cache.get(key) if self._cache is not None else None
+        raw = await self._cache.lookup(key) if self._cache is not None else None
         if raw is None:
             return None
         try:

@@ -310,7 +310,9 @@ async def test_one_poisonous_request_alone_is_lost_not_taken_for_an_outage(
         "retry.max_attempts=6",  # the defaults
         "retry.outage_threshold=5",
         "retry.outage_max_s=0.5",  # how long the bug stalls before it stops the run
-        "teacher.timeout_s=0.1",
+        # Long enough that an attempt reaches the server on a loaded machine before its
+        # timeout (at 0.1 s one attempt sometimes timed out unseen), short beside the hang.
+        "teacher.timeout_s=0.4",
         release=hang.release,
     )
     assert [seen.attempt for seen in run.injector.seen] == list(range(1, 7))

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from engine.config import RetryConfig, TeacherConfig
-from engine.errors import RequestRejected, RetriesExhausted
+from engine.errors import OutputWriteError, RequestRejected, RetriesExhausted
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.teacher.cache import ResponseCache, canonical_body, request_key
@@ -189,8 +189,72 @@ async def test_a_timer_commits_a_partial_batch(tmp_path: Path) -> None:
         cache.put(b"a", b"1")
         assert stored_count(path) == 0
         await asyncio.sleep(0.01)  # the flush timer is due first
+        await cache.drain()  # its commit runs on the cache's thread
         assert stored_count(path) == 1
         assert "pending=0" in repr(cache)
+
+
+async def test_lookup_waits_on_the_cache_thread_not_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    with ResponseCache.open(path, batch_size=1) as cache:
+        cache.put(b"k", b"v")  # committed on the cache's thread, not waited for
+        assert await cache.lookup(b"k") == b"v"  # ordered after the commit
+        assert await cache.lookup(b"other") is None
+        assert (cache.hits, cache.misses) == (1, 1)
+
+
+# --- the size bound ------------------------------------------------------------------------
+
+BODY = 20_000  # bytes a reply
+
+
+def fill(cache: ResponseCache, keys: range) -> None:
+    for i in keys:
+        cache.put(b"k%d" % i, bytes([i % 251]) * BODY)
+        cache.flush()
+
+
+def test_the_oldest_entries_are_evicted_and_the_file_shrinks(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    bound = 400_000
+    with ResponseCache.open(path, max_bytes=bound) as cache:
+        fill(cache, range(100))  # 2 MB of replies into a 0.4 MB cache
+        assert 0 < cache.size_bytes <= bound
+        evicted = cache.evicted
+        assert cache.get(b"k0") is None and cache.get(b"k99") == bytes([99]) * BODY
+    assert evicted > 80  # about 90 % of 100: the oldest went first
+    assert stored_count(path) == 100 - evicted
+    assert path.stat().st_size <= bound * 1.1  # the file itself, not only its free list
+
+
+def test_a_lower_bound_shrinks_a_file_filled_under_a_higher_one(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    with ResponseCache.open(path) as cache:  # unbounded
+        fill(cache, range(100))
+    before = path.stat().st_size
+    assert before > 2_000_000
+    with ResponseCache.open(path, max_bytes=500_000) as cache:
+        assert cache.size_bytes > 2_000_000  # measured at open
+        fill(cache, range(100, 101))  # the first commit evicts
+        assert cache.get(b"k100") is not None and cache.get(b"k0") is None
+    assert path.stat().st_size <= 500_000 * 1.1 < before
+
+
+def test_a_full_database_stops_the_run_at_the_next_use(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache.open(path)
+    # SQLite's own page limit: a real SQLITE_FULL, as a full disk gives.
+    assert cache._conn is not None
+    cache._conn.execute("PRAGMA max_page_count = 8")
+    cache.put(b"big", b"x" * 200_000)
+    cache.flush()  # outside a loop: waits for the thread, which meets the full database
+    with pytest.raises(OutputWriteError) as caught:
+        cache.put(b"next", b"y")
+    message = str(caught.value)
+    assert str(path) in message
+    assert "free space and run the same command again: nothing is lost" in message
+    with pytest.raises(OutputWriteError):
+        cache.close()  # a run that asks nothing more still ends on it
 
 
 def test_a_file_that_is_not_a_database_is_moved_aside(
@@ -416,3 +480,33 @@ async def test_cli_no_cache_flag(tmp_path: Path) -> None:
     assert (shared.stat().st_mtime_ns, stored_count(shared)) == before
     assert "from cache 0" in output
     assert_complete_output(tmp_path / "b")
+
+
+def used_bytes(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        pages, free, size = (
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+    conn.close()
+    return int((pages - free) * size)
+
+
+async def test_the_report_gives_the_cache_size_bound_and_evictions(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    out = tmp_path / "out"
+    sets = set_args(*SMALL, f'output.dir="{out}"', "output.cache_max_gb=0.00003")
+    code, output = await engine_cli(
+        "run", DEFAULT_TOML, "--no-preflight", *sets, env=teacher_env(sim.base_url)
+    )
+    assert code == 0, output
+    cache = orjson.loads((out / "run_report.json").read_bytes())["cache"]
+    path = out / "cache.sqlite"
+    assert cache["path"] == str(path.resolve())
+    assert cache["max_bytes"] == 30_000
+    assert cache["size_bytes"] == used_bytes(path) <= 30_000
+    assert cache["stored"] == TOTAL
+    assert cache["evicted"] == TOTAL - stored_count(path) > 0
+    assert f"response cache: {cache['size_bytes'] / 1e6:.1f} MB of 3e-05 GB" in output
+    assert_complete_output(out)
