@@ -23,10 +23,10 @@ from engine.pipeline.breaker import Breaker
 from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
-from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
+from engine.pipeline.scheduler import Scheduler, UnitRunner, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
 from engine.pipeline.stats import Stats, TeacherSnapshot
-from engine.progress.display import show_progress
+from engine.progress.display import InFlight, show_progress
 from engine.seeds import read_seeds, seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
 from engine.teacher.client import HTTPTeacher
@@ -214,10 +214,10 @@ async def _generate(
         if preflight and await asyncio.to_thread(_work_to_do, config, types, wants):
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
-        flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
+        runners, gauge = await _runners(config, stats, teacher, stack, cache=cache)
         writer = OutputWriter(config.output.dir, types, checkpoint, stats, retrying=redo)
         scheduler = Scheduler(
-            [flows[t] for t in types],
+            runners,
             writer,
             checkpoint,
             stats,
@@ -227,9 +227,34 @@ async def _generate(
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
-        async with show_progress(config, stats, limiter, scheduler):
+        async with show_progress(config, stats, gauge or limiter, scheduler):
             await scheduler.run(read_seeds(config.input.seeds, config.input.max_document_chars))
     return shutdown.exit_code
+
+
+async def _runners(
+    config: Config,
+    stats: Stats,
+    teacher: HTTPTeacher,
+    stack: contextlib.AsyncExitStack,
+    *,
+    cache: bool,
+) -> tuple[Sequence[UnitRunner], InFlight | None]:
+    """How units run: by the flows in this process, or (``run.backend = "ray"``) by worker
+    actors on a Ray cluster, which ``stack`` stops when the run ends; with what the progress
+    display reads requests in flight from when it is not the run's own limiter."""
+    types = config.generation.types
+    if config.run.backend == "ray":
+        # Imported here only: a local run never imports ray (a layering contract).
+        from engine.distributed.backend import remote_units
+
+        own_cache = cache_path(config) if cache else None
+        units = await stack.enter_async_context(
+            remote_units(config, stats, teacher.wire, own_cache)
+        )
+        return units.flows(types), units
+    flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
+    return [flows[t] for t in types], None
 
 
 def _resume(config: Config, *, force: bool) -> Checkpoint:

@@ -12,17 +12,30 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Protocol
 
-from engine.flows import Flow
 from engine.output.checkpoint import Checkpoint, UnitSet
+from engine.output.records import UnitResult
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
 from engine.pipeline.stats import Stats
 from engine.seeds import Reject, SeedRow
 
 log = logging.getLogger(__name__)
 
-# A unit waiting for a worker: its seed row and the flow of its type.
-QueuedUnit = tuple[SeedRow, Flow]
+
+class UnitRunner(Protocol):
+    """How one type's units are run: by its flow in this process (``engine.flows.Flow``), or
+    by workers elsewhere (``engine.distributed.RemoteFlow``)."""
+
+    gen_type: str
+
+    async def run(self, seed: SeedRow) -> UnitResult:
+        """The unit (``seed``, ``gen_type``) run to its end (``Flow.run``)."""
+        ...
+
+
+# A unit waiting for a worker: its seed row and the runner of its type.
+QueuedUnit = tuple[SeedRow, UnitRunner]
 # (document id, type) pairs.
 Units = AbstractSet[tuple[str, str]] | UnitSet
 
@@ -52,7 +65,7 @@ class Scheduler:
 
     def __init__(
         self,
-        flows: Sequence[Flow],
+        flows: Sequence[UnitRunner],
         writer: OutputWriter,
         checkpoint: Checkpoint,
         stats: Stats,
@@ -60,7 +73,8 @@ class Scheduler:
         only: Units | None = None,
         redo: Units = frozenset(),
     ) -> None:
-        """``only``: run just these units (``--retry-failed``), whether done or not;
+        """``flows``: a runner per type (its flow, or a remote one). ``only``: run just
+        these units (``--retry-failed``), whether done or not;
         ``redo``: also run these units although they are done (they lost items)."""
         self.only = only
         self.redo = redo
