@@ -72,6 +72,12 @@ def _normalised(text: str) -> str:
     return normalise(text)
 
 
+@lru_cache(maxsize=256)
+def _size(text: str) -> int:
+    # The same grounding texts' sizes, for the length bounds of every text made from them.
+    return size(text)
+
+
 def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
     """``text`` on one line (spacing collapsed), cut to ``chars`` characters with an ellipsis,
     for messages."""
@@ -309,7 +315,7 @@ def question_echo(j: Judged) -> str | None:
 
 def length(j: Judged) -> str | None:
     """Shorter or longer than ``bounds`` allow for the text it was made from (``size``)."""
-    low, high = bounds(j.text.kind, size(j.grounding.source), j.config)
+    low, high = bounds(j.text.kind, _size(j.grounding.source), j.config)
     n = size(j.text.value)
     if n < low:
         return f"{n} characters, fewer than {low} for a {j.text.kind} of this source"
@@ -357,21 +363,20 @@ def texts(value: BaseModel) -> Iterator[Text]:
     Knows the reply models of ``engine.flows.structured`` by their field names; a reply with none
     of them (the judge's verdict) has no texts to judge.
     """
-    data = value.model_dump()
-    if isinstance(data.get("summary"), str):
-        yield Text("summary", "summary", data["summary"])
-    if isinstance(data.get("answer"), str):
-        yield Text("answer", "answer", data["answer"])
-    for i, question in enumerate(data.get("questions") or ()):
+    summary = getattr(value, "summary", None)
+    if isinstance(summary, str):
+        yield Text("summary", "summary", summary)
+    answer = getattr(value, "answer", None)
+    if isinstance(answer, str):
+        yield Text("answer", "answer", answer)
+    for i, question in enumerate(getattr(value, "questions", None) or ()):
         yield Text(f"questions[{i}]", "question", question, item=i)
-    for i, fact in enumerate(data.get("facts") or ()):
-        yield Text(f"facts[{i}].fact", "fact", fact["fact"], item=i)
-        yield Text(f"facts[{i}].context", "context", fact["context"], item=i)
-    for i, pair in enumerate(data.get("pairs") or ()):
-        yield Text(f"pairs[{i}].question", "question", pair["question"], item=i)
-        yield Text(
-            f"pairs[{i}].answer", "answer", pair["answer"], question=pair["question"], item=i
-        )
+    for i, fact in enumerate(getattr(value, "facts", None) or ()):
+        yield Text(f"facts[{i}].fact", "fact", fact.fact, item=i)
+        yield Text(f"facts[{i}].context", "context", fact.context, item=i)
+    for i, pair in enumerate(getattr(value, "pairs", None) or ()):
+        yield Text(f"pairs[{i}].question", "question", pair.question, item=i)
+        yield Text(f"pairs[{i}].answer", "answer", pair.answer, question=pair.question, item=i)
 
 
 LIST_FIELDS = ("questions", "facts", "pairs")
@@ -421,6 +426,15 @@ class Gate:
     grounding: Grounding
     scaffolding: Scaffolding
     seen: Seen | None = None
+    # The grounding texts as they are and normalised, that a text may share markup and
+    # sentences with: built once per gate, not per reply (a chunk may be 60,000 characters).
+    allowed: str = field(init=False)
+    norm_allowed: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = self.grounding
+        object.__setattr__(self, "allowed", f"{g.source}\n{g.chunk}")
+        object.__setattr__(self, "norm_allowed", f"{_normalised(g.source)}\n{_normalised(g.chunk)}")
 
     @classmethod
     def of(
@@ -438,8 +452,7 @@ class Gate:
     def __call__(self, value: BaseModel) -> Rejection | None:
         """The first check ``value`` fails (its stage's texts, in ``CHECKS`` order), or None."""
         g = self.grounding
-        allowed = f"{g.source}\n{g.chunk}"
-        norm_allowed = f"{_normalised(g.source)}\n{_normalised(g.chunk)}"
+        allowed, norm_allowed = self.allowed, self.norm_allowed
         first: Rejection | None = None
         bad: set[int] = set()
         # Texts of the items that passed so far, by kind: a later repeat is a duplicate.

@@ -304,7 +304,7 @@ class HTTPTeacher:
                 proxy=self._proxies.for_url(endpoint.chat_url),
                 secret=self._secret,
             )
-        reply = parse_chat_completion(response.body)
+        reply = parse_chat_completion(response.body, self._secret)
         self.stats.prompt_tokens += reply.usage.prompt_tokens
         self.stats.completion_tokens += reply.usage.completion_tokens
         return reply

@@ -37,7 +37,7 @@ EXCERPT_CHARS = 300
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
-def parse_chat_completion(raw: bytes) -> ChatReply:
+def parse_chat_completion(raw: bytes, secret: str | None = None) -> ChatReply:
     """A 200 body (an OpenAI ``chat.completion`` object, JSON) as a ``ChatReply``.
 
     Each choice's ``message.content`` may be a string, null ("") or a list of typed blocks
@@ -45,8 +45,19 @@ def parse_chat_completion(raw: bytes) -> ChatReply:
     ``reasoning_content`` or ``reasoning`` is kept with the field it came from. A missing or
     odd ``usage`` counts as 0 tokens, a missing ``model`` as "". Raises
     ``MalformedResponse`` (status 200, the body's excerpt) when the body is not JSON, has no
-    choices, or a choice has no message or content that is not text.
+    choices, or a choice has no message or content that is not text; ``secret`` (the API key,
+    should a gateway echo it in a body that is not a completion) is taken out of its message.
     """
+    try:
+        return _parse_chat_completion(raw)
+    except MalformedResponse as err:
+        if secret is None or secret not in str(err):
+            raise
+        said = redact(err.body, secret)
+        raise MalformedResponse(redact(str(err), secret), status=200, body=said) from None
+
+
+def _parse_chat_completion(raw: bytes) -> ChatReply:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as err:

@@ -4,8 +4,7 @@ way real ones do (the simulator with fault plans, and small servers started here
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from tests.support.runs import (
     corpus,
     pipeline_requests,
 )
-from tests.support.servers import redirecting_to
+from tests.support.servers import redirecting_to, serving
 
 CHAT = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "OK"}}]}
 
@@ -481,22 +480,6 @@ async def test_no_preflight_sends_no_probe(tmp_path: Path) -> None:
         )
     assert (stats.preflight_ran, stats.teacher.preflight_requests) == (False, 0)
     assert "preflight" not in orjson.dumps(stats.adapted).decode()
-
-
-@asynccontextmanager
-async def serving(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_probe_prompt_is_what_the_probes_send(tmp_path: Path) -> None:

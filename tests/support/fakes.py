@@ -228,3 +228,19 @@ def seed(text: str, line_no: int = 1) -> SeedRow:
         icl_query_2="q2",
         icl_query_3="q3",
     )
+
+
+def completion_body(*contents: Any, **extra: Any) -> dict[str, Any]:
+    """A chat-completion body as a server sends it, one choice per content (``"ok"`` when
+    none is given), with usage; ``extra`` keys replace or add top-level fields."""
+    body: dict[str, Any] = {
+        "id": "cmpl-1",
+        "model": "m",
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
+            for i, c in enumerate(contents or ("ok",))
+        ],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+    body.update(extra)
+    return body

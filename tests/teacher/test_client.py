@@ -29,26 +29,14 @@ from engine.teacher.limits import RequestLimiter
 from engine.teacher.protocol import ChatRequest, Message
 from engine.teacher.retry import backoff
 from engine.teacher.stats import RequestStats
+from tests.support.fakes import completion_body
+from tests.support.servers import serving
 
 KEY = "sk-secret-123"
 BASE = "http://teacher.test/v1"
 ENDPOINT = BASE + "/chat/completions"
 SEED = 20250301
 REQUEST = ChatRequest(messages=(Message("user", "Summarise this."),), stage="summary")
-
-
-def reply(*contents: str | None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": "cmpl-1",
-        "model": "m",
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
-            for i, c in enumerate(contents or ("ok",))
-        ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-    }
-    body.update(extra)
-    return body
 
 
 class RecordingSleep:
@@ -130,7 +118,7 @@ def assert_no_key(err: BaseException) -> None:
 async def test_content_that_is_not_text_is_malformed(
     client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep, content: object
 ) -> None:
-    mocked.post(ENDPOINT, payload=reply(content), repeat=True)
+    mocked.post(ENDPOINT, payload=completion_body(content), repeat=True)
     with pytest.raises(RetriesExhausted, match="content is not text"):
         await client.complete(REQUEST)
 
@@ -138,7 +126,7 @@ async def test_content_that_is_not_text_is_malformed(
 async def test_sends_the_payload_and_the_bearer_key(
     client: HTTPTeacher, mocked: aioresponses
 ) -> None:
-    mocked.post(ENDPOINT, payload=reply("a", "b"))
+    mocked.post(ENDPOINT, payload=completion_body("a", "b"))
     schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
     request = ChatRequest(
         messages=(Message("system", "Be brief."), Message("user", "Hi")),
@@ -170,7 +158,7 @@ async def test_sends_the_payload_and_the_bearer_key(
 async def test_no_authorization_header_without_a_key(
     mocked: aioresponses, limiter: RequestLimiter, stats: RequestStats, sleep: RecordingSleep
 ) -> None:
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
     config = TeacherConfig(base_url=BASE, model="m")
 
     async with HTTPTeacher(config, RetryConfig(), limiter, stats=stats, sleep=sleep) as teacher:
@@ -183,7 +171,7 @@ async def test_no_authorization_header_without_a_key(
 async def test_trailing_slash_in_base_url(
     mocked: aioresponses, limiter: RequestLimiter, stats: RequestStats, sleep: RecordingSleep
 ) -> None:
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
     config = TeacherConfig(base_url=BASE + "/", model="m")
 
     async with HTTPTeacher(config, RetryConfig(), limiter, stats=stats, sleep=sleep) as teacher:
@@ -207,7 +195,7 @@ async def test_429_waits_retry_after_then_succeeds(
     client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep
 ) -> None:
     mocked.post(ENDPOINT, status=429, headers={"Retry-After": "3"}, body='{"error": "slow"}')
-    mocked.post(ENDPOINT, payload=reply("done"))
+    mocked.post(ENDPOINT, payload=completion_body("done"))
 
     got = await client.complete(REQUEST)
 
@@ -221,8 +209,8 @@ async def test_429_cuts_the_concurrency_and_success_grows_it_back(
     client: HTTPTeacher, mocked: aioresponses, limiter: RequestLimiter
 ) -> None:
     mocked.post(ENDPOINT, status=429, body='{"error": "slow down"}')
-    mocked.post(ENDPOINT, payload=reply("done"))
-    mocked.post(ENDPOINT, payload=reply("again"))
+    mocked.post(ENDPOINT, payload=completion_body("done"))
+    mocked.post(ENDPOINT, payload=completion_body("again"))
 
     await client.complete(REQUEST)
     assert (limiter.concurrency, limiter.adaptive.decreases) == (2, 1)  # halved from 4
@@ -236,7 +224,7 @@ async def test_429_with_retry_after_asks_the_limiter_for_quiet(
 ) -> None:
     mocked.post(ENDPOINT, status=429, headers={"Retry-After": "7"})
     mocked.post(ENDPOINT, status=429, headers={"Retry-After": "7200"})  # capped: 120 s
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
     loop = asyncio.get_running_loop()
     before = loop.time()
 
@@ -250,7 +238,7 @@ async def test_other_errors_leave_the_concurrency_alone(
 ) -> None:
     for status in (500, 503, 408):
         mocked.post(ENDPOINT, status=status)
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
 
     await client.complete(REQUEST)
 
@@ -264,7 +252,7 @@ async def test_token_cap_settles_the_reservation_from_usage(
     stats: RequestStats,
 ) -> None:
     limiter = RequestLimiter(100_000, 4, tokens_per_minute=600_000)  # bucket: 5,000 tokens
-    mocked.post(ENDPOINT, payload=reply("ok"))  # usage: 18 tokens
+    mocked.post(ENDPOINT, payload=completion_body("ok"))  # usage: 18 tokens
     request = ChatRequest(messages=(Message("user", "x" * 400),), max_tokens=1_000)
     async with HTTPTeacher(teacher_config, retry_config, limiter, stats=stats) as teacher:
         await teacher.complete(request)
@@ -278,7 +266,7 @@ async def test_429_with_retry_after_ms(
     client: HTTPTeacher, mocked: aioresponses, sleep: RecordingSleep
 ) -> None:
     mocked.post(ENDPOINT, status=429, headers={"retry-after-ms": "1500", "retry-after": "9"})
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
 
     await client.complete(REQUEST)
 
@@ -294,7 +282,7 @@ async def test_retry_after_is_capped(
     sleep: RecordingSleep,
 ) -> None:
     mocked.post(ENDPOINT, status=503, headers={"retry-after": "3600"})
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
     retry = RetryConfig(max_attempts=2, retry_after_max_s=5)
 
     async with HTTPTeacher(teacher_config, retry, limiter, stats=stats, sleep=sleep) as teacher:
@@ -312,7 +300,7 @@ async def test_503_backs_off_with_seeded_full_jitter(
 ) -> None:
     for _ in range(3):
         mocked.post(ENDPOINT, status=503, body="overloaded")
-    mocked.post(ENDPOINT, payload=reply("finally"))
+    mocked.post(ENDPOINT, payload=completion_body("finally"))
 
     got = await client.complete(REQUEST)
 
@@ -348,7 +336,7 @@ async def test_connection_error_then_success(
     exc: Exception,
 ) -> None:
     mocked.post(ENDPOINT, exception=exc)
-    mocked.post(ENDPOINT, payload=reply("back"))
+    mocked.post(ENDPOINT, payload=completion_body("back"))
 
     got = await client.complete(REQUEST)
 
@@ -364,7 +352,7 @@ async def test_timeout_then_success(
     client: HTTPTeacher, mocked: aioresponses, stats: RequestStats, exc: Exception
 ) -> None:
     mocked.post(ENDPOINT, exception=exc)
-    mocked.post(ENDPOINT, payload=reply("late"))
+    mocked.post(ENDPOINT, payload=completion_body("late"))
 
     got = await client.complete(REQUEST)
 
@@ -386,7 +374,7 @@ async def test_malformed_200_is_retried(
     client: HTTPTeacher, mocked: aioresponses, stats: RequestStats, body: str
 ) -> None:
     mocked.post(ENDPOINT, status=200, body=body)
-    mocked.post(ENDPOINT, payload=reply("fine"))
+    mocked.post(ENDPOINT, payload=completion_body("fine"))
 
     got = await client.complete(REQUEST)
 
@@ -466,8 +454,8 @@ async def test_stats_count_every_attempt_retry_and_token(
     mocked.post(ENDPOINT, status=429, headers={"retry-after": "1"})
     mocked.post(ENDPOINT, status=503)
     mocked.post(ENDPOINT, exception=TimeoutError())
-    mocked.post(ENDPOINT, payload=reply("x"))
-    mocked.post(ENDPOINT, payload=reply("y"))
+    mocked.post(ENDPOINT, payload=completion_body("x"))
+    mocked.post(ENDPOINT, payload=completion_body("y"))
 
     await client.complete(REQUEST)
     await client.complete(REQUEST)
@@ -481,7 +469,7 @@ async def test_each_retry_logs_a_warning_without_the_key(
     client: HTTPTeacher, mocked: aioresponses, caplog: pytest.LogCaptureFixture
 ) -> None:
     mocked.post(ENDPOINT, status=502, body="bad gateway")
-    mocked.post(ENDPOINT, payload=reply())
+    mocked.post(ENDPOINT, payload=completion_body())
 
     with caplog.at_level(logging.WARNING, logger="engine.teacher.client"):
         await client.complete(REQUEST)
@@ -612,25 +600,15 @@ async def test_a_redirected_post_stops_the_run_and_is_never_resent(
             status=status, headers={"Location": "https://new.test/v1/chat/completions"}
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    base = f"http://127.0.0.1:{port}/v1"
-    config = teacher_config.model_copy(update={"base_url": base})
     stats = RequestStats()
-    try:
+    async with serving(moved) as base:
+        config = teacher_config.model_copy(update={"base_url": base})
         async with HTTPTeacher(
             config, retry_config, RequestLimiter(600, 4), stats=stats
         ) as teacher:
             with pytest.raises(Redirected) as raised:
                 await teacher.complete(REQUEST)
             probed = await teacher.probe(base + "/models")
-    finally:
-        await runner.cleanup()
     assert seen == ["POST /v1/chat/completions", "GET /v1/models"]
     assert raised.value.status == status
     assert "set TEACHER_MODEL_BASE_URL to the final URL, https://new.test/v1" in str(raised.value)

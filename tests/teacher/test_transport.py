@@ -21,6 +21,7 @@ from engine.teacher.protocol import ChatRequest, Message
 from engine.teacher.stats import RequestStats
 from engine.teacher.transport import SPARE_CONNECTIONS, AiohttpTransport, Response
 from tests.support.fakes import FakeTransport
+from tests.support.servers import serving
 
 KEY = "sk-secret-123"
 BASE = "http://teacher.test/v1"
@@ -121,20 +122,12 @@ async def test_a_redirect_is_returned_not_followed() -> None:
         seen.append(f"{request.method} {request.path}")
         return web.Response(status=302, headers={"Location": "/elsewhere"})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    config = TeacherConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m")
-    transport = transport_for(config)
-    try:
-        got = await transport.send("POST", f"http://127.0.0.1:{port}/v1/chat/completions", b"{}")
-    finally:
-        await transport.close()
-        await runner.cleanup()
+    async with serving(moved) as base:
+        transport = transport_for(TeacherConfig(base_url=base, model="m"))
+        try:
+            got = await transport.send("POST", f"{base}/chat/completions", b"{}")
+        finally:
+            await transport.close()
     assert (got.status, got.headers["Location"]) == (302, "/elsewhere")
     assert seen == ["POST /v1/chat/completions"]
 

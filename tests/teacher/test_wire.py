@@ -25,24 +25,11 @@ from engine.teacher.wire import (
     parse_chat_completion,
     redirected,
 )
+from tests.support.fakes import completion_body
 
 KEY = "sk-secret-123"
 BASE = "http://teacher.test/v1"
 ENDPOINT = BASE + "/chat/completions"
-
-
-def reply(*contents: Any, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": "cmpl-1",
-        "model": "m",
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
-            for i, c in enumerate(contents or ("ok",))
-        ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-    }
-    body.update(extra)
-    return body
 
 
 def parse(body: dict[str, Any]) -> Any:
@@ -53,7 +40,7 @@ def parse(body: dict[str, Any]) -> Any:
 
 
 def test_parses_a_reply_with_several_choices() -> None:
-    body = reply("one", None, "three")
+    body = completion_body("one", None, "three")
     body["choices"][0]["message"]["reasoning_content"] = "thought (older vLLM)"
     body["choices"][1]["message"]["reasoning"] = "thought (newer vLLM)"
     body["choices"][2]["finish_reason"] = "length"
@@ -72,7 +59,7 @@ def test_parses_a_reply_with_several_choices() -> None:
 
 
 def test_reasoning_says_where_the_server_put_it() -> None:
-    body = reply("one", "two", "three")
+    body = completion_body("one", "two", "three")
     body["choices"][0]["message"]["reasoning_content"] = "older"
     body["choices"][1]["message"]["reasoning"] = "newer"
     body["choices"][2]["message"]["reasoning_content"] = None  # vLLM sends null when none
@@ -98,14 +85,16 @@ def test_content_blocks_with_thinking_are_read() -> None:
         {"type": "text", "text": '"42"}'},
     ]
 
-    (choice,) = parse(reply(blocks)).choices
+    (choice,) = parse(completion_body(blocks)).choices
 
     assert (choice.content, choice.reasoning) == ('{"answer": "42"}', "Let me see.")
     assert choice.reasoning_field == "thinking blocks of content"
 
 
 def test_thinking_blocks_join_a_reasoning_field() -> None:
-    body = reply([{"type": "thinking", "thinking": "second"}, {"type": "text", "text": "x"}])
+    body = completion_body(
+        [{"type": "thinking", "thinking": "second"}, {"type": "text", "text": "x"}]
+    )
     body["choices"][0]["message"]["reasoning_content"] = "first"
 
     (choice,) = parse(body).choices
@@ -115,7 +104,7 @@ def test_thinking_blocks_join_a_reasoning_field() -> None:
 
 
 def test_missing_usage_counts_as_zero() -> None:
-    body = reply("x")
+    body = completion_body("x")
     del body["usage"]
 
     got = parse(body)
@@ -125,7 +114,7 @@ def test_missing_usage_counts_as_zero() -> None:
 
 @pytest.mark.parametrize("count", [-1, True, "12", 1.5, None])
 def test_a_token_count_that_is_not_a_count_is_zero(count: object) -> None:
-    got = parse(reply("x", usage={"prompt_tokens": count, "completion_tokens": 3}))
+    got = parse(completion_body("x", usage={"prompt_tokens": count, "completion_tokens": 3}))
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (0, 3)
 
 
@@ -152,6 +141,17 @@ def test_a_body_that_is_not_a_chat_completion_is_malformed(body: bytes, problem:
     assert str(info.value).startswith(f"HTTP 200 but {problem}")
     assert info.value.status == 200
     assert info.value.body == excerpt(body)
+
+
+def test_a_key_echoed_in_a_body_that_is_not_a_completion_is_taken_out() -> None:
+    """A gateway's login page quoting the request's credentials, answered with 200."""
+    key = "sk-echoed-0123456789abcdef"
+    body = f"<html>Sign in. Your request had: Authorization: Bearer {key}</html>".encode()
+    with pytest.raises(MalformedResponse) as info:
+        parse_chat_completion(body, secret=key)
+    assert key not in f"{info.value} {info.value.body}"
+    assert "Bearer [redacted]" in str(info.value) and "Bearer [redacted]" in info.value.body
+    assert str(info.value).startswith("HTTP 200 but the body is not JSON")
 
 
 # --- statuses ---------------------------------------------------------------------------------
