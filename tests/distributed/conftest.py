@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,10 +30,23 @@ _LOOPBACK = re.compile(r"^(127\.|\[::ffff:127\.|\[::1\]|::1)")
 
 
 def session_pids(sid: int) -> list[int]:
-    """The processes of session ``sid`` (what a process started with start_new_session and
-    all it started, Ray's processes included, belong to)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+    """The live processes of session ``sid`` (what a process started with start_new_session
+    and all it started, Ray's processes included, belong to). Zombies are dead: they wait to
+    be reaped by init, which may take a while here."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True)
+    rows = (line.split() for line in out.stdout.splitlines())
+    return [int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")]
+
+
+def alive(pids: Iterable[int]) -> set[int]:
+    """Those of ``pids`` that are live processes (not gone, not zombies)."""
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rpartition(")")[2].split()[0] != "Z":
+                found.add(pid)
+    return found
 
 
 def outside_loopback(pids: list[int]) -> list[str]:

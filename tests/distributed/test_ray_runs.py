@@ -9,11 +9,12 @@ nowhere in Ray. Slow by nature (a Ray cluster takes seconds to start on two core
 from __future__ import annotations
 
 import asyncio
-import os
+import bisect
 import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_
 from tests.distributed.conftest import (
     KEY,
     RayCluster,
+    alive,
     engine_env,
     kill_session,
     needs_ray,
@@ -219,6 +221,64 @@ async def test_the_driver_killed_then_run_again_resumes_without_duplicates(
     assert skipped >= done_before - 1  # the last line may have been cut by the kill
 
 
+# Ray's agents (dashboard agent, runtime-env agent) notice their raylet's death within
+# seconds but then try to report it to the GCS, which is gone too: they end about 60 s later.
+RAY_AGENTS = ("DashboardAgent", "RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent")
+AGENTS_LINGER_S = 90.0
+
+
+@pytest.mark.timeout(240)
+async def test_the_driver_killed_takes_the_ray_it_started_down_and_runs_again(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a driver that started its own Ray: that Ray goes with it (its GCS and
+    raylet at once, its agents by themselves within Ray's own timeout), and the same command
+    resumes."""
+    docs = 30
+    seeds = corpus(tmp_path / "seeds.jsonl", docs)
+    out = tmp_path / "out"
+    args = _args(out, seeds, *_ray())
+    config = SimulatorConfig(api_key=KEY, latency_mean_s=0.05)
+    sessions: list[int] = []
+    try:
+        async with running_simulator(config) as sim:
+            with (tmp_path / "first.log").open("wb") as f:
+                proc = await _start(sim, args, log=f, start_new_session=True)
+                sessions.append(proc.pid)
+                async with asyncio.timeout(90):
+                    while progress_lines(out) < 10:
+                        assert proc.returncode is None, (tmp_path / "first.log").read_text()
+                        await asyncio.sleep(0.05)
+                ray_pids = [p for p in session_pids(proc.pid) if p != proc.pid]
+                assert ray_pids, "the engine started no Ray processes"
+                agents = {p for p in ray_pids if any(a in _cmdline(p) for a in RAY_AGENTS)}
+                proc.kill()
+                assert await proc.wait() == -signal.SIGKILL
+                killed_at = time.monotonic()
+                left = await _outlive(set(ray_pids) - agents, within=15)
+                assert left == set(), f"Ray processes outlived their driver: {sorted(left)}"
+            with (tmp_path / "second.log").open("wb") as f:
+                proc = await _start(sim, args, log=f, start_new_session=True)
+                sessions.append(proc.pid)
+                assert await _wait(proc, tmp_path / "second.log") == 0
+        wait_s = killed_at + AGENTS_LINGER_S - time.monotonic()
+        left = await _outlive(ray_pids, within=wait_s)
+        assert left == set(), f"Ray's agents outlived their driver: {sorted(left)}"
+    finally:
+        for sid in sessions:
+            kill_session(sid)
+    assert "resuming" in (tmp_path / "second.log").read_text()
+    _units_once(out, docs)
+    assert_complete(out, docs)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 @pytest.mark.timeout(120)
 async def test_sigint_exits_130_and_leaves_no_ray_process(tmp_path: Path) -> None:
     """A Ray the engine starts itself: on 127.0.0.1 only, and gone with the run."""
@@ -246,36 +306,43 @@ async def test_sigint_exits_130_and_leaves_no_ray_process(tmp_path: Path) -> Non
             finally:
                 kill_session(proc.pid)
     assert left == [], f"Ray processes left behind: {left}"
-    assert not any(p in _alive() for p in ray_pids)
+    assert alive(ray_pids) == set()
     report = _report(out)
     assert report["exit"]["code"] == 130
     assert report["ray"]["cluster"] == "started for the run"
 
 
-def _alive() -> set[int]:
-    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+async def _outlive(pids: Iterable[int], within: float) -> set[int]:
+    """Those of ``pids`` still alive after ``within`` seconds (or none as soon as all end)."""
+    deadline = time.monotonic() + within
+    while (left := alive(pids)) and time.monotonic() < deadline:  # noqa: ASYNC110 (other processes)
+        await asyncio.sleep(0.2)
+    return left
 
 
 RATE_CAP = 300
 RATE_SPAN_S = 135.0
 
 
-def _windows(arrivals: list[float], end: float, span: float = 60.0) -> tuple[int, int]:
+def _windows(
+    arrivals: list[float], begin: float, end: float, span: float = 60.0
+) -> tuple[int, int]:
     """The busiest ``span`` of ``arrivals`` (sorted), and the quietest one that lies wholly
-    between the first arrival and ``end`` (for every start t, the arrivals in (t, t+span])."""
-    busiest = quietest = 0
+    between ``begin`` and ``end``: the arrivals in (t, t+span] for t = ``begin`` and every
+    arrival after it (a sliding window holds fewest just after it loses an arrival)."""
+    busiest = hi = 0
     quietest = len(arrivals)
-    hi = 0
+    starts = [begin, *(a for a in arrivals if a >= begin)]
     for lo, start in enumerate(arrivals):
         while hi < len(arrivals) and arrivals[hi] < start + span:
             hi += 1
         busiest = max(busiest, hi - lo)
+    for start in starts:
         if start + span <= end:
-            # Just after ``start``: the window loses it and gains what arrives by start+span.
-            upto = hi
-            while upto < len(arrivals) and arrivals[upto] <= start + span:
-                upto += 1
-            quietest = min(quietest, upto - lo - 1)
+            inside = bisect.bisect_right(arrivals, start + span) - bisect.bisect_right(
+                arrivals, start
+            )
+            quietest = min(quietest, inside)
     return busiest, quietest
 
 
@@ -300,8 +367,9 @@ async def test_a_global_cap_over_two_workers_holds_at_the_server(
             stopped = time.monotonic()
             proc.send_signal(signal.SIGINT)
             assert await _wait(proc, log, within=60) == 130
-        arrivals = sorted(r.arrival for r in pipeline_requests(sim) if r.arrival <= stopped)
-    busiest, quietest = _windows(arrivals, stopped)
+        # Every request the server got, the driver's preflight probes included.
+        arrivals = sorted(r.arrival for r in sim.state.requests if r.arrival <= stopped)
+    busiest, quietest = _windows(arrivals, first, stopped)
     ray = _report(out)["ray"]
     print(
         f"rate cap {RATE_CAP}/min over 2 workers, {stopped - first:.0f} s: busiest 60 s "
@@ -318,4 +386,7 @@ async def test_a_global_cap_over_two_workers_holds_at_the_server(
 def test_windows_count_what_they_should() -> None:
     arrivals = [0.0, 10.0, 30.0, 59.0, 60.0, 61.0, 100.0]
     # [10, 70) holds 5; (30, 90] holds 3, the fewest of the windows that end by 100.
-    assert _windows(arrivals, end=100.0) == (5, 3)
+    assert _windows(arrivals, begin=0.0, end=100.0) == (5, 3)
+    # Windows start at ``begin`` at the earliest: (59, 119] is the only full one here.
+    assert _windows(arrivals, begin=59.0, end=119.0) == (5, 3)
+    assert _windows(arrivals, begin=59.0, end=118.0) == (5, len(arrivals))
