@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pytest
@@ -25,6 +25,7 @@ from engine.output.checkpoint import PROGRESS_FILE
 from engine.testing.simulator import RunningSimulator, SimulatorConfig, running_simulator
 from tests.distributed.conftest import (
     KEY,
+    RAY_ENV,
     RayCluster,
     alive,
     engine_env,
@@ -78,6 +79,17 @@ async def _start(sim: RunningSimulator, args: list[str], **kw: Any) -> asyncio.s
     env = engine_env(teacher_env(sim.base_url, key=KEY))
     out = kw.pop("log")
     return await start_engine(*args, env=env, output=out, **kw)
+
+
+async def _start_own_ray(
+    sim: RunningSimulator, args: list[str], log: IO[bytes]
+) -> asyncio.subprocess.Process:
+    """The engine starting a Ray of its own, in a session of its own, with nothing of the
+    tests' loopback settings: what keeps that Ray on 127.0.0.1 is the engine's own doing."""
+    env = engine_env(teacher_env(sim.base_url, key=KEY))
+    for name in RAY_ENV:
+        env.pop(name)
+    return await start_engine(*args, env=env, output=log, start_new_session=True)
 
 
 async def _wait(proc: asyncio.subprocess.Process, log: Path, within: float = RUN_TIMEOUT_S) -> int:
@@ -243,7 +255,7 @@ async def test_the_driver_killed_takes_the_ray_it_started_down_and_runs_again(
     try:
         async with running_simulator(config) as sim:
             with (tmp_path / "first.log").open("wb") as f:
-                proc = await _start(sim, args, log=f, start_new_session=True)
+                proc = await _start_own_ray(sim, args, f)
                 sessions.append(proc.pid)
                 async with asyncio.timeout(90):
                     while progress_lines(out) < 10:
@@ -251,6 +263,7 @@ async def test_the_driver_killed_takes_the_ray_it_started_down_and_runs_again(
                         await asyncio.sleep(0.05)
                 ray_pids = [p for p in session_pids(proc.pid) if p != proc.pid]
                 assert ray_pids, "the engine started no Ray processes"
+                assert outside_loopback(session_pids(proc.pid)) == []
                 agents = {p for p in ray_pids if any(a in _cmdline(p) for a in RAY_AGENTS)}
                 proc.kill()
                 assert await proc.wait() == -signal.SIGKILL
@@ -258,7 +271,7 @@ async def test_the_driver_killed_takes_the_ray_it_started_down_and_runs_again(
                 left = await _outlive(set(ray_pids) - agents, within=15)
                 assert left == set(), f"Ray processes outlived their driver: {sorted(left)}"
             with (tmp_path / "second.log").open("wb") as f:
-                proc = await _start(sim, args, log=f, start_new_session=True)
+                proc = await _start_own_ray(sim, args, f)
                 sessions.append(proc.pid)
                 assert await _wait(proc, tmp_path / "second.log") == 0
         wait_s = killed_at + AGENTS_LINGER_S - time.monotonic()
@@ -288,9 +301,7 @@ async def test_sigint_exits_130_and_leaves_no_ray_process(tmp_path: Path) -> Non
     config = SimulatorConfig(api_key=KEY, latency_mean_s=0.2)
     async with running_simulator(config) as sim:
         with log.open("wb") as f:
-            proc = await _start(
-                sim, _args(out, seeds, *_ray(), "run.grace_s=5"), log=f, start_new_session=True
-            )
+            proc = await _start_own_ray(sim, _args(out, seeds, *_ray(), "run.grace_s=5"), f)
             try:
                 async with asyncio.timeout(90):
                     while progress_lines(out) < 4:
