@@ -52,6 +52,8 @@ CONNECT_TIMEOUT_S = 120.0
 STOP_WAIT_S = 60.0
 # A ray.address that does not accept a TCP connection within this is refused at once.
 REACH_TIMEOUT_S = 5.0
+# How often a worker that Ray is restarting is asked whether it is up again.
+REVIVE_POLL_S = 1.0
 # ray.nodes, typed: one dict per node ever seen ("NodeID", "Alive", "Resources"...).
 _nodes: Callable[[], list[dict[str, Any]]] = ray.nodes
 # Ray's errors that mean the worker (or its node, or the object it returned) is gone.
@@ -113,12 +115,22 @@ class RayWorker:
     actor: Any
 
     async def ready(self) -> WorkerInfo:
-        """The worker's ``ready``; Ray's loss errors as ``WorkerLost``."""
-        try:
-            info: WorkerInfo = await self.actor.ready.remote()
-        except _LOST as err:
-            raise WorkerLost(_first_line(err)) from None
-        return info
+        """The worker's ``ready`` once it is up, again if Ray is restarting it; ``WorkerLost``
+        once it is dead for good (restarts used up, killed, its constructor failed).
+
+        A call to an actor that Ray is restarting fails at once with ``ActorUnavailableError``
+        ("The actor is restarting") rather than waiting, so it is asked again every
+        ``REVIVE_POLL_S``, for as long as the run lasts (the dispatch stops waiting for it
+        at the end, and stops the run when no worker at all came back in time)."""
+        while True:
+            try:
+                info: WorkerInfo = await self.actor.ready.remote()
+            except ActorUnavailableError:
+                await asyncio.sleep(REVIVE_POLL_S)
+                continue
+            except _LOST as err:
+                raise WorkerLost(_first_line(err)) from None
+            return info
 
     async def run_unit(self, seed: SeedRow, gen_type: str) -> UnitReply:
         """The worker's ``run_unit``; Ray's loss errors as ``WorkerLost``."""
