@@ -114,6 +114,10 @@ class RayCluster:
         """Kill node ``index`` without grace (SIGKILL of its processes)."""
         assert self._ask(f"remove {index}") == f"removed {index}"
 
+    def actors(self) -> dict[str, str]:
+        """The state (ALIVE, RESTARTING, DEAD...) of every named actor ever started, by name."""
+        return {name: state for name, state in orjson.loads(self._ask("actors")) if name}
+
     def tables(self) -> str:
         """The GCS actor and job tables, as text."""
         return str(orjson.loads(self._ask("tables")))

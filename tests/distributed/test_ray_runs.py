@@ -106,6 +106,21 @@ async def _wait(proc: asyncio.subprocess.Process, log: Path, within: float = RUN
     return code
 
 
+async def _engine_actors_end(cluster: RayCluster, within: float = 30) -> None:
+    """Every actor the engine started on ``cluster`` (its limiter and workers, named
+    ``engine-...``) is dead within ``within`` seconds of its run's end, however it ended."""
+    deadline = time.monotonic() + within
+    while True:
+        actors = await asyncio.to_thread(cluster.actors)
+        ours = {name: state for name, state in actors.items() if name.startswith("engine-")}
+        assert ours, "the engine started no actor on the cluster"
+        left = {name: state for name, state in ours.items() if state != "DEAD"}
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert left == {}, f"the engine's actors outlived its run: {left}"
+
+
 def _report(out: Path) -> dict[str, Any]:
     report: dict[str, Any] = orjson.loads((out / "run_report.json").read_bytes())
     return report
@@ -156,6 +171,7 @@ async def test_two_nodes_write_the_records_of_a_local_run_and_both_send(
     # What the workers say they sent is what the server got (besides the driver's preflight).
     assert sum(by_node.values()) == ray_pipeline < ray_sent
     _key_nowhere_in_ray(ray_cluster)
+    await _engine_actors_end(ray_cluster)
 
 
 def _key_nowhere_in_ray(cluster: RayCluster) -> None:
@@ -193,6 +209,7 @@ async def test_a_node_removed_without_grace_loses_only_its_units_in_flight(
             await asyncio.to_thread(ray_cluster.remove, 1)
             removed_at = progress_lines(out)
             assert await _wait(proc, log) == 0
+        await _engine_actors_end(ray_cluster)
         sent = len(pipeline_requests(sim))
     _units_once(out, docs)
     assert_complete(out, docs)
@@ -230,10 +247,13 @@ async def test_the_driver_killed_then_run_again_resumes_without_duplicates(
                     await asyncio.sleep(0.02)
             proc.kill()
             assert await proc.wait() == -signal.SIGKILL
+        # Ray ends a dead driver's job, and its actors with it.
+        await _engine_actors_end(ray_cluster)
         done_before = progress_lines(out)
         with (tmp_path / "second.log").open("wb") as f:
             proc = await _start(sim, args, log=f)
             assert await _wait(proc, tmp_path / "second.log") == 0
+        await _engine_actors_end(ray_cluster)
     assert "resuming" in (tmp_path / "second.log").read_text()
     _units_once(out, docs)
     assert_complete(out, docs)
@@ -387,6 +407,7 @@ async def test_a_global_cap_over_two_workers_holds_at_the_server(
             stopped = time.monotonic()
             proc.send_signal(signal.SIGINT)
             assert await _wait(proc, log, within=60) == 130
+        await _engine_actors_end(ray_cluster)
         # Every request the server got, the driver's preflight probes included.
         arrivals = sorted(r.arrival for r in sim.state.requests if r.arrival <= stopped)
     busiest, quietest = _windows(arrivals, first, stopped)

@@ -10,7 +10,8 @@ starts it), so that a test stops it, and everything Ray started, by that process
 Protocol: it prints one JSON line, ``{"address": "127.0.0.1:PORT", "nodes": [{"node_id":
 ..., "pids": [...]}, ...], "session_dir": ...}``; then each line it reads from stdin is a
 command: ``remove I`` kills node I's processes without grace (SIGKILL) and answers ``removed
-I``; ``tables`` answers with the GCS actor and job tables as one JSON string; end of input
+I``; ``actors`` answers with the name and state of every actor ever started, as JSON;
+``tables`` answers with the GCS actor and job tables as one JSON string; end of input
 shuts the cluster down.
 
 The tests in tests/distributed/ use it through the ``ray_cluster`` fixture there.
@@ -74,6 +75,9 @@ def main() -> None:
             if command == "remove":
                 cluster.remove_node(nodes[int(arg)], allow_graceful=False)
                 print(f"removed {arg}", flush=True)
+            elif command == "actors":
+                actors = cluster.global_state.actor_table(None).values()
+                print(orjson.dumps([[a["Name"], a["State"]] for a in actors]).decode(), flush=True)
             elif command == "tables":
                 # What the dashboard and the state API show is read from these GCS tables.
                 state = cluster.global_state
