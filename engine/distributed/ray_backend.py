@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.config import Config
-from engine.distributed.dispatch import WorkerLost
+from engine.distributed.dispatch import RemoteFatal, WorkerLost
 from engine.distributed.quota import Grant, Outcomes, QuotaLedger
 from engine.distributed.worker import UnitReply, UnitWorker, WorkerInfo, WorkerSettings
-from engine.errors import ConfigError
+from engine.errors import ConfigError, FatalRunError
 from engine.seeds import SeedRow
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ class RayWorker:
 
     async def ready(self) -> WorkerInfo:
         """The worker's ``ready`` once it is up, again if Ray is restarting it; ``WorkerLost``
-        once it is dead for good (restarts used up, killed, its constructor failed).
+        once it is dead for good (restarts used up, killed, its constructor failed);
+        ``RemoteFatal`` with the worker's own message when it cannot work.
 
         A call to an actor that Ray is restarting fails at once with ``ActorUnavailableError``
         ("The actor is restarting") rather than waiting, so it is asked again every
@@ -130,6 +131,12 @@ class RayWorker:
                 continue
             except _LOST as err:
                 raise WorkerLost(_first_line(err)) from None
+            except RayTaskError as err:
+                # The worker cannot work (no key on its node...): its own message, without
+                # the remote traceback Ray wraps it in.
+                if isinstance(err.cause, FatalRunError):
+                    raise RemoteFatal(str(err.cause)) from None
+                raise
             return info
 
     async def run_unit(self, seed: SeedRow, gen_type: str) -> UnitReply:

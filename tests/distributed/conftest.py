@@ -24,6 +24,7 @@ from tests.support.runs import REPO
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason='ray is not installed: pip install -e ".[ray]"')
 KEY = "sk-ray-test-7f3a9c2e4b1d8f6a0c5e"
+KEY_VARIABLE = "TEACHER_MODEL_API_KEY"
 # What every Ray process a test starts is given: loopback only, no usage reporting.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 _LOOPBACK = re.compile(r"^(127\.|\[::ffff:127\.|\[::1\]|::1)")
@@ -138,10 +139,23 @@ def engine_env(env: dict[str, str]) -> dict[str, str]:
 def ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
     """Two nodes of two CPUs on 127.0.0.1, their environment holding the API key (as a
     node's environment does: the key reaches workers from there, never through Ray)."""
+    with _cluster(tmp_path, KEY) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def keyless_ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
+    """``ray_cluster`` whose nodes' environment has no API key."""
+    with _cluster(tmp_path, None) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _cluster(tmp_path: Path, key: str | None) -> Iterator[RayCluster]:
     if not HAS_RAY:
         pytest.skip('ray is not installed: pip install -e ".[ray]"')
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= RAY_ENV | {"TEACHER_MODEL_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", KEY_VARIABLE)}
+    env |= RAY_ENV | {"PYTHONPATH": str(REPO)} | ({KEY_VARIABLE: key} if key else {})
     errors = (tmp_path / "ray_cluster.err").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.ray_cluster", "--nodes", "2", "--cpus", "2"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import re
 import signal
 import subprocess
 import time
@@ -227,6 +228,31 @@ async def test_a_node_removed_without_grace_loses_only_its_units_in_flight(
     # Ray restarted the lost worker on the other node, and it took units again.
     assert all(w["alive"] for w in ray["workers"])
     assert {w["node"] for w in ray["workers"]} == {ray_cluster.node_ids[0]}
+
+
+async def test_nodes_without_the_key_stop_the_run_saying_where_to_set_it(
+    keyless_ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """The driver has the key, the nodes do not: exit 1 before any unit is written, with
+    the one message that says where the key goes, and the key nowhere in it."""
+    seeds = corpus(tmp_path / "seeds.jsonl", 10)
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    async with running_simulator(SimulatorConfig(api_key=KEY)) as sim:
+        with log.open("wb") as f:
+            proc = await _start(sim, _args(out, seeds, *_ray(keyless_ray_cluster.address)), log=f)
+            assert await _wait(proc, log, within=120) == 1
+        assert pipeline_requests(sim) == []
+    text = log.read_text()
+    assert "TEACHER_MODEL_API_KEY is not set in this node's environment" in text
+    fatal = [line for line in text.splitlines() if line.startswith("run fatal (exit 1): ")]
+    assert len(fatal) == 1
+    assert re.fullmatch(
+        r"run fatal \(exit 1\): worker [01] on \S+: invalid configuration:", fatal[0]
+    )
+    assert "ray::" not in text and 'File "' not in text  # no remote traceback
+    assert KEY not in text
+    assert progress_lines(out) == 0
+    await _engine_actors_end(keyless_ray_cluster)
 
 
 @pytest.mark.timeout(300)
