@@ -244,13 +244,34 @@ class RetryConfig(_Section):
 
 
 class RunConfig(_Section):
-    """``[run]``: signal grace period and progress logging."""
+    """``[run]``: where units run, signal grace period and progress logging."""
+
+    backend: Literal["local", "ray"] = "local"
+    """"local": this process runs every unit. "ray": worker actors on a Ray cluster run them
+    (see [ray]), while this process keeps the seeds, the resume state, the one writer and the
+    report; needs the ray extra (pip install -e ".[ray]")."""
 
     grace_s: float = Field(30.0, ge=0, le=3600)
     """After SIGINT/SIGTERM, units in flight get this long to finish; a second signal stops
     at once."""
     progress_interval_s: float = Field(60.0, gt=0, le=24 * 3600)
     """When stdout is not a terminal (nohup, systemd, CI): a progress log line this often."""
+
+
+class RayConfig(_Section):
+    """``[ray]``: the cluster a run with ``run.backend = "ray"`` uses, and its workers."""
+
+    address: str = ""
+    """The Ray cluster to join, e.g. "ray-head:6379"; "" = RAY_ADDRESS if set (ray job submit
+    sets it), else a Ray started for the run on this machine, bound to 127.0.0.1 and stopped
+    at its end."""
+    workers: int = Field(0, ge=0, le=4096)
+    """Worker actors (each runs flows with its own HTTP client and response cache); 0 = one
+    per node alive when the run starts."""
+    worker_cpus: float = Field(1.0, ge=0, le=1024)
+    """CPUs a worker actor reserves on its node (Ray's num_cpus)."""
+    lost_workers_max_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    """Stop the run (resumably) when no worker has been alive this long."""
 
 
 class _StageKnobs(_Section):
@@ -362,6 +383,7 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     retry: RetryConfig = RetryConfig()
     run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
     generation: GenerationConfig = GenerationConfig()
     quality: QualityConfig = QualityConfig()
 

@@ -141,6 +141,8 @@ def build(
             "report": str(out / REPORT_FILE),
         },
     }
+    if stats.distributed is not None:  # run.backend = "ray"
+        report["ray"] = stats.distributed
     return report
 
 

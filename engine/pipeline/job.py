@@ -26,10 +26,10 @@ from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
 from engine.pipeline.resume import ResumePoint, resume_point
-from engine.pipeline.scheduler import Scheduler, any_wanted, wanted
+from engine.pipeline.scheduler import Scheduler, UnitRunner, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
 from engine.pipeline.stats import CacheSnapshot, Stats, TeacherSnapshot
-from engine.progress.display import show_progress
+from engine.progress.display import InFlight, show_progress
 from engine.seeds import seed_file_problem
 from engine.teacher.cache import CACHE_FILE, ResponseCache
 from engine.teacher.client import HTTPTeacher
@@ -265,7 +265,7 @@ async def _run_pipeline(
         if preflight and await asyncio.to_thread(_work_to_do, resume, types, wants):
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
-        flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
+        runners, gauge = await _runners(config, stats, teacher, stack, cache=cache)
         writer = await asyncio.to_thread(
             partial(
                 OutputWriter,
@@ -280,7 +280,7 @@ async def _run_pipeline(
             )
         )
         scheduler = Scheduler(
-            [flows[t] for t in types],
+            runners,
             writer,
             checkpoint,
             stats,
@@ -291,7 +291,7 @@ async def _run_pipeline(
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
-        async with show_progress(config, stats, limiter, scheduler, resume=resume):
+        async with show_progress(config, stats, gauge or limiter, scheduler, resume=resume):
             await scheduler.run(resume.seeds())
     return shutdown.exit_code
 
@@ -312,6 +312,31 @@ async def _open_cache(
 
     stack.push_async_callback(close)
     return replies
+
+
+async def _runners(
+    config: Config,
+    stats: Stats,
+    teacher: HTTPTeacher,
+    stack: contextlib.AsyncExitStack,
+    *,
+    cache: bool,
+) -> tuple[Sequence[UnitRunner], InFlight | None]:
+    """How units run: by the flows in this process, or (``run.backend = "ray"``) by worker
+    actors on a Ray cluster, which ``stack`` stops when the run ends; with what the progress
+    display reads requests in flight from when it is not the run's own limiter."""
+    types = config.generation.types
+    if config.run.backend == "ray":
+        # Imported here only: a local run never imports ray (a layering contract).
+        from engine.distributed.backend import remote_units
+
+        own_cache = cache_path(config) if cache else None
+        units = await stack.enter_async_context(
+            remote_units(config, stats, teacher.wire, own_cache)
+        )
+        return units.flows(types), units
+    flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
+    return [flows[t] for t in types], None
 
 
 def _resume(config: Config, *, force: bool) -> Checkpoint:

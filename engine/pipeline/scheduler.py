@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Protocol
 
-from engine.flows import Flow
 from engine.output.checkpoint import Checkpoint, UnitSet
+from engine.output.records import UnitResult
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
 from engine.pipeline.resume import ResumePoint
 from engine.pipeline.stats import Stats
@@ -28,12 +29,24 @@ from engine.seeds import Reject, SeedRow
 
 log = logging.getLogger(__name__)
 
-# A unit waiting for a worker: its seed row and the flow of its type.
-QueuedUnit = tuple[SeedRow, Flow]
+
+class UnitRunner(Protocol):
+    """How one type's units are run: by its flow in this process (``engine.flows.Flow``), or
+    by workers elsewhere (``engine.distributed.RemoteFlow``)."""
+
+    gen_type: str
+
+    async def run(self, seed: SeedRow) -> UnitResult:
+        """The unit (``seed``, ``gen_type``) run to its end (``Flow.run``)."""
+        ...
+
+
+# A unit waiting for a worker: its seed row and the runner of its type.
+QueuedUnit = tuple[SeedRow, UnitRunner]
 # (document id, type) pairs.
 Units = AbstractSet[tuple[str, str]] | UnitSet
-# A row read and sorted off the loop: the row (or reject) and the flows of its wanted units.
-Sorted = tuple[SeedRow | Reject, list[Flow]]
+# A row read and sorted off the loop: the row (or reject) and the runners of its wanted units.
+Sorted = tuple[SeedRow | Reject, list[UnitRunner]]
 # A batch of rows ends after this many rows or this much time in the reading thread.
 BATCH_ROWS = 256
 BATCH_S = 0.005
@@ -64,7 +77,7 @@ class Scheduler:
 
     def __init__(
         self,
-        flows: Sequence[Flow],
+        flows: Sequence[UnitRunner],
         writer: OutputWriter,
         checkpoint: Checkpoint,
         stats: Stats,
@@ -73,7 +86,8 @@ class Scheduler:
         redo: Units = frozenset(),
         resume: ResumePoint | None = None,
     ) -> None:
-        """``only``: run just these units (``--retry-failed``), whether done or not;
+        """``flows``: a runner per type (its flow, or a remote one). ``only``: run just
+        these units (``--retry-failed``), whether done or not;
         ``redo``: also run these units although they are done (they lost items);
         ``resume``: where the seeds given to ``run`` start (``engine.pipeline.resume``): the
         rows before it are counted as skipped, and the writer's watermark tracks the rest."""

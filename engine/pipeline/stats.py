@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.output.records import Record
 from engine.teacher.stats import RequestStats
@@ -121,6 +122,9 @@ class Stats:
     rejected: dict[str, Counter[str]] = field(default_factory=dict)
     # By type: what the records that were kept look like.
     kept: dict[str, Kept] = field(default_factory=dict)
+    # A run on several workers (engine.distributed): JSON-ready, for the report's "ray"
+    # section (workers, their units and requests, units run again, the shared limiter).
+    distributed: dict[str, Any] | None = None
 
     def count_reply(self, stage: str, check: str = "") -> None:
         """Count one reply choice of ``stage``: accepted (``check`` "") or rejected by it."""

@@ -15,18 +15,44 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
 log = logging.getLogger(__name__)
 
-_BURST_SECONDS = 0.5
+# The most quota that goes out at once: half a second's worth.
+BURST_SECONDS = 0.5
 
 
-def _bucket(per_minute: int) -> AsyncLimiter:
-    """A leaky bucket for ``per_minute`` holding about ``_BURST_SECONDS`` of it (at least 1)."""
-    capacity = max(1, int(per_minute * _BURST_SECONDS / 60))
+def pace_bucket(per_minute: int) -> AsyncLimiter:
+    """A leaky bucket for ``per_minute`` holding about ``BURST_SECONDS`` of it (at least 1);
+    its ``max_rate`` is that capacity."""
+    capacity = max(1, int(per_minute * BURST_SECONDS / 60))
     return AsyncLimiter(capacity, 60.0 * capacity / per_minute)
+
+
+class Pace(Protocol):
+    """Where a request's turn under the requests-per-minute cap comes from: the local leaky
+    bucket (``pace_bucket``), or quota leased from a limiter shared by several processes
+    (``engine.distributed``)."""
+
+    async def acquire(self) -> None:
+        """Wait for one request's turn."""
+        ...
+
+
+class Tokens(Protocol):
+    """Where tokens under the tokens-per-minute cap come from: ``TokenBudget``, or quota
+    leased from a shared limiter."""
+
+    async def reserve(self, tokens: int) -> None:
+        """Wait until ``tokens`` (an estimate) can be spent."""
+        ...
+
+    def settle(self, reserved: int, used: int) -> None:
+        """A request that reserved ``reserved`` tokens used ``used``."""
+        ...
 
 
 class AdaptiveConcurrency:
@@ -87,7 +113,7 @@ class TokenBudget:
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._bucket = _bucket(per_minute)
+        self._bucket = pace_bucket(per_minute)
         self._capacity = int(self._bucket.max_rate)
         self._turn = asyncio.Lock()
         self.balance = 0.0  # > 0: credit from over-estimates; < 0: debt from under-estimates
@@ -144,7 +170,10 @@ class RequestLimiter:
     served. The client reports each request's outcome through its ``Lease``
     (``throttled`` / ``answered``). Raises ``ValueError`` for a ``requests_per_minute`` or
     ``max_concurrency`` below 1, or a negative ``tokens_per_minute`` (0: no token cap);
-    ``sleep`` waits out a 429's quiet (injectable for tests).
+    ``sleep`` waits out a 429's quiet (injectable for tests). ``pace`` and ``tokens`` replace
+    the limiter's own buckets (default: a ``pace_bucket`` and, when ``tokens_per_minute`` is
+    set, a ``TokenBudget``): a worker of a distributed run draws on quota leased from the
+    run's one shared limiter instead.
     """
 
     def __init__(
@@ -154,6 +183,8 @@ class RequestLimiter:
         tokens_per_minute: int = 0,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        pace: Pace | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         if requests_per_minute < 1 or max_concurrency < 1 or tokens_per_minute < 0:
             raise ValueError(
@@ -163,8 +194,10 @@ class RequestLimiter:
         self.max_concurrency = max_concurrency
         self.tokens_per_minute = tokens_per_minute
         self.adaptive = AdaptiveConcurrency(max_concurrency)
-        self.tokens = TokenBudget(tokens_per_minute) if tokens_per_minute else None
-        self._pace = _bucket(requests_per_minute)
+        if tokens is None and tokens_per_minute:
+            tokens = TokenBudget(tokens_per_minute)
+        self.tokens = tokens
+        self._pace: Pace = pace if pace is not None else pace_bucket(requests_per_minute)
         self._held = 0  # slots taken, including requests still waiting for pacing
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._resume_at = 0.0  # loop time before which nothing new is sent (after a 429)

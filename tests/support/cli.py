@@ -49,13 +49,15 @@ async def start_engine(
     env: Mapping[str, str] | None = None,
     output: IO[bytes] | int = asyncio.subprocess.PIPE,
     errors: int = asyncio.subprocess.STDOUT,
+    start_new_session: bool = False,
 ) -> asyncio.subprocess.Process:
     """Start ``python -m engine ARGS``: stdout goes to ``output`` (a pipe unless a file is
-    given), stderr with it (or to a pipe of its own: ``errors=PIPE``)."""
+    given), stderr with it (or to a pipe of its own: ``errors=PIPE``); in a session of its
+    own with ``start_new_session`` (so that a test finds all it started by that session)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine", *args,
         cwd=cwd, env=dict(os.environ if env is None else env),
-        stdout=output, stderr=errors,
+        stdout=output, stderr=errors, start_new_session=start_new_session,
     )  # fmt: skip
 
 
