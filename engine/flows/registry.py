@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Literal, Protocol
 
 from engine.config import Config, GenerationConfig, GenType
+from engine.flows.admission import Admission
 from engine.flows.ask import Asker, Tally
 from engine.flows.document_qa import DocumentQAFlow
 from engine.flows.key_facts import KeyFactsFlow
@@ -120,7 +121,7 @@ def build_flows(
         breaker=breaker,
     )
     judge = Judge(gen.judge_temperature, gen.judge_max_tokens) if gen.judge else None
-    ctx = FlowContext(asker, judge)
+    ctx = FlowContext(asker, judge, Admission.for_concurrency(config.limits.max_concurrency))
     return {gen_type: FLOWS[gen_type].build(gen, ctx) for gen_type in gen.types}
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from engine.errors import FatalRunError, ItemError, SystematicFailure
 from engine.flows import prompts, quality
+from engine.flows.admission import Admission, Branch
 from engine.flows.ask import Ask, Asker, Parsed
 from engine.flows.planning import StagePlan
 from engine.flows.structured import Verdict
@@ -57,10 +58,13 @@ class FlowContext:
 
     asker: Asker
     judge: Judge | None = None
+    # The run's cap on branches running at once, over all units; None: no cap.
+    admission: Admission | None = None
 
     def unit(self, seed: SeedRow, gen_type: str) -> Unit:
         """A unit of ``gen_type`` for ``seed``, asking through an asker that names it."""
-        return Unit(seed, gen_type, replace(self.asker, document=seed.doc_id), self.judge)
+        asker = replace(self.asker, document=seed.doc_id)
+        return Unit(seed, gen_type, asker, self.judge, self.admission)
 
     def judge_plan(
         self, gen_type: str, pairs: int, pair: tuple[str, str, str], assumes: str
@@ -112,7 +116,14 @@ def judge_ask(
 class Unit:
     """Use as ``async with``: leaving waits for every branch spawned inside."""
 
-    def __init__(self, seed: SeedRow, gen_type: str, asker: Asker, judge: Judge | None) -> None:
+    def __init__(
+        self,
+        seed: SeedRow,
+        gen_type: str,
+        asker: Asker,
+        judge: Judge | None,
+        admission: Admission | None = None,
+    ) -> None:
         self.seed = seed
         self.gen_type = gen_type
         self.asker = asker
@@ -121,6 +132,12 @@ class Unit:
         self._records: list[tuple[tuple[str, ...], Record]] = []
         self._failures: list[Failure] = []
         self._judged_out = 0
+        self._admission = admission
+        # Branches spawned and not finished (queued for admission or running), and whether
+        # there are none: leaving the unit waits for it before closing the task group.
+        self._outstanding = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         # The questions, facts and summaries accepted so far: new ones must differ.
         self.seen = quality.Seen()
 
@@ -139,6 +156,14 @@ class Unit:
         tb: TracebackType | None,
     ) -> None:
         try:
+            if exc_type is None and self._admission is not None:
+                try:
+                    # Queued branches are not in the task group yet: it would close early.
+                    await self._idle.wait()
+                except asyncio.CancelledError as err:  # a branch failed, or the run stops
+                    exc_type, exc, tb = type(err), err, err.__traceback__
+            if exc_type is not None and self._admission is not None:
+                self._admission.drop(self)  # left early: its queued branches never start
             await self._tg.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # The scheduler stops the run on FatalRunError itself, not on a group holding one.
@@ -148,17 +173,36 @@ class Unit:
             raise _first_leaf(fatal) from None
 
     def spawn(self, stage: str, item: str, step: Coroutine[Any, Any, None]) -> None:
-        """Run ``step`` (one request of ``stage`` for ``item``) as a branch of the unit."""
+        """Run ``step`` (one request of ``stage`` for ``item``) as a branch of the unit: now,
+        or once the run's admission control has a slot for it."""
+        self._outstanding += 1
+        self._idle.clear()
+        if self._admission is None:
+            self.launch((stage, item, step))
+        else:
+            self._admission.submit(self, (stage, item, step))
+
+    def launch(self, branch: Branch) -> asyncio.Task[None]:
+        """``Owner.launch``: start ``branch`` in the unit's task group."""
+        stage, item, step = branch
         guarded = self._guard(stage, item, step)
         try:
             task = self._tg.create_task(guarded)
         except RuntimeError:  # the unit is shutting down after a fatal error
             guarded.close()
-            step.close()
+            self.discard(branch)
             raise
         # A branch cancelled before its first step (a fatal error elsewhere) never awaits
         # ``step``: close it, or it is reported as a coroutine never awaited. A no-op else.
-        task.add_done_callback(lambda _: step.close())
+        task.add_done_callback(lambda _: self.discard(branch))
+        return task
+
+    def discard(self, branch: Branch) -> None:
+        """``Owner.discard``: ``branch`` is over or will never start."""
+        branch[2].close()
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._idle.set()
 
     async def _guard(self, stage: str, item: str, step: Coroutine[Any, Any, None]) -> None:
         try:
