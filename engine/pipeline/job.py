@@ -21,6 +21,7 @@ from engine.output.files import write_problem
 from engine.output.lock import DirectoryLock
 from engine.output.watermark import RowTracker
 from engine.output.writer import OutputWriter
+from engine.pipeline import collector
 from engine.pipeline.breaker import Breaker
 from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
@@ -291,6 +292,7 @@ async def _run_pipeline(
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
+        stack.enter_context(collector.tuned())  # after start-up: see engine.pipeline.collector
         async with show_progress(config, stats, gauge or limiter, scheduler, resume=resume):
             await scheduler.run(resume.seeds())
     return shutdown.exit_code
