@@ -35,6 +35,9 @@ from engine.teacher.protocol import ChatReply, ChatRequest, Choice, Message, Tea
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 NOTE_REASON_CHARS = 200
+# Choices of one reply parsed and checked between two turns of the event loop: a choice takes
+# about 0.1 ms (parsing, the content checks, spawning its branch), so about 1 ms a turn.
+CHOICES_PER_TURN = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,7 @@ class Asker:
                 reply = await self.teacher.complete(request)
             except ItemError as err:
                 return Lost(tuple(missing), err)
-            round_problem = self._take(ask, reply, missing, on_item, check)
+            round_problem = await self._take(ask, reply, missing, on_item, check)
             if round_problem is not None:
                 # Not to be replayed by a response cache: a rerun must ask afresh.
                 self.teacher.forget(request)
@@ -219,7 +222,7 @@ class Asker:
         on_item(missing.pop(0), replace(best.salvage, dropped=dropped))
         return True
 
-    def _take(
+    async def _take(
         self,
         ask: Ask[T],
         reply: ChatReply,
@@ -234,7 +237,11 @@ class Asker:
             self._count(ask.stage, problem)
         model = reply.model or self.teacher.model
         won = False
-        for choice in reply.choices[: len(missing)]:
+        for i, choice in enumerate(reply.choices[: len(missing)]):
+            if i and i % CHOICES_PER_TURN == 0:
+                # A reply of many choices (n = 50) takes milliseconds to check, and many
+                # such replies can arrive in one pass of the loop: let it turn between chunks.
+                await asyncio.sleep(0)
             try:
                 got = _parse(ask, choice, check, model)
             except InvalidReply as err:
