@@ -110,7 +110,8 @@ class EndpointPool:
     def route(self, request: object, probe: Endpoint | None = None) -> Passage | None:
         """The endpoint for one attempt of ``request`` (any object naming it across its
         attempts): ``probe`` if the attempt claimed one, else a due probe, else the least
-        loaded healthy endpoint; None if none can take it now. ``settle`` it when it is over.
+        loaded healthy endpoint, preferring one where the request's last attempt did not fail
+        as unreachable; None if none can take it now. ``settle`` it when it is over.
         """
         if probe is None:
             now = _now()
@@ -124,6 +125,10 @@ class EndpointPool:
             up = [e for e in self.endpoints if not e.health.down]
             if not up:
                 return None
+            # A retry goes elsewhere when it can: the replica its last attempt could not
+            # reach may be on its way out (not yet marked down), and a second attempt there
+            # would spend the request's budget on it.
+            up = [e for e in up if not e.health.failing(request)] or up
             chosen = min(up, key=lambda e: (e.assigned, e.chosen))
         chosen.assigned += 1
         chosen.chosen += 1

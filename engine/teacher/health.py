@@ -73,6 +73,10 @@ class Health:
         """Different requests that failed as if the server were gone, since its last answer."""
         return len(self._failing)
 
+    def failing(self, request: object) -> bool:
+        """Whether ``request``'s latest attempt here failed as if the server were gone."""
+        return request in self._failing
+
     @property
     def down(self) -> bool:
         """Marked down, and not answered a probe since."""

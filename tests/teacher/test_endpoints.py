@@ -169,6 +169,25 @@ def test_a_replica_marked_down_gets_only_probes_and_rejoins_when_one_is_answered
     assert replicas.sent[URLS[1]] > len(replicas.sent_while_down)  # it rejoined
 
 
+async def test_a_retry_goes_to_another_replica_than_the_one_that_could_not_be_reached() -> None:
+    pool = EndpointPool(URLS, threshold=3, probe_base_s=1, probe_max_s=10, give_up_s=60)
+    busy = pool.route("a long request")  # keeps its replica the more loaded one
+    assert busy is not None
+    request = object()
+    first = pool.route(request)
+    assert first is not None and first.endpoint is not busy.endpoint  # the least loaded
+    first.outcome = AttemptOutcome.UNREACHABLE
+    pool.settle(first)
+    # Still the least loaded, and not down (one failure), yet the retry goes to the other.
+    again = pool.route(request)
+    assert again is not None and again.endpoint is busy.endpoint
+    again.outcome = AttemptOutcome.UNREACHABLE
+    pool.settle(again)
+    # Where every healthy replica failed it, it still goes out (its own attempts bound it).
+    last = pool.route(request)
+    assert last is not None and last.endpoint is first.endpoint
+
+
 def test_marking_an_unknown_replica_down_is_a_key_error() -> None:
     pool = EndpointPool(URLS, threshold=3, probe_base_s=1, probe_max_s=10, give_up_s=60)
     with pytest.raises(KeyError):
