@@ -106,16 +106,16 @@ class Health:
         """Mark the endpoint down at loop time ``now`` without waiting for failed requests
         (the preflight found it not answering: ``why``); its first probe is due after
         ``probe_base_s``. No-op when it is down already."""
-        if self.down_since is not None:
-            return
+        if self.down_since is None:
+            self._go_down(now, f"{why}: no requests go to it until a probe gets an answer")
+
+    def _go_down(self, now: float, why: str) -> None:
+        """Down from loop time ``now`` (``why``, for the log); the first probe after
+        ``probe_base_s``."""
         self.down_since = now
         self.outages += 1
         self.next_probe_at = now + self.probe_base_s
-        log.warning(
-            "teacher at %s %s: no requests go to it until a probe gets an answer",
-            self.endpoint,
-            why,
-        )
+        log.warning("teacher at %s %s", self.endpoint, why)
 
     def _answered(self, now: float) -> None:
         self._failing.clear()
@@ -131,14 +131,10 @@ class Health:
     def _unreachable(self, request: object, probe: bool, now: float) -> None:
         self._failing.add(request)
         if self.down_since is None and self.streak >= self.threshold:
-            self.down_since = now
-            self.outages += 1
-            self.next_probe_at = now + self.probe_base_s
-            log.warning(
-                "teacher at %s looks down (%d requests failed in a row): pausing dispatch "
+            self._go_down(
+                now,
+                f"looks down ({self.streak} requests failed in a row): pausing dispatch "
                 "to it, probing it one request at a time",
-                self.endpoint,
-                self.streak,
             )
         elif probe:
             self._failed_probes += 1
