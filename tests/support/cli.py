@@ -64,15 +64,22 @@ async def start_engine(
 async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     """Wait for an engine started with a pipe to end: its exit code and everything it printed.
     Killed (and the test failed) if it runs past ``FINISH_TIMEOUT_S``."""
+    code, output, _ = await _communicate(proc)
+    return code, output.decode()
+
+
+async def _communicate(proc: asyncio.subprocess.Process) -> tuple[int, bytes, bytes]:
+    """``proc.communicate()`` within ``FINISH_TIMEOUT_S`` (else killed, and the test
+    failed): the exit code, stdout and stderr (b"" when not piped)."""
     try:
         async with asyncio.timeout(FINISH_TIMEOUT_S):
-            output, _ = await proc.communicate()
+            out, err = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
-    return proc.returncode, output.decode()
+    return proc.returncode, out, err or b""
 
 
 async def engine_cli(
@@ -87,15 +94,8 @@ async def engine_cli_apart(
 ) -> tuple[int, str, str]:
     """Like ``engine_cli``, with stdout and stderr apart: for what must go to stderr."""
     proc = await start_engine(*args, cwd=cwd, env=env, errors=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(FINISH_TIMEOUT_S):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    code, out, err = await _communicate(proc)
+    return code, out.decode(), err.decode()
 
 
 async def start_run(
