@@ -66,6 +66,11 @@ class OutputConfig(_Section):
     """The response cache's size bound, in GB (10^9 bytes): past it the oldest entries are
     evicted and the file shrinks."""
 
+    @property
+    def cache_max_bytes(self) -> int:
+        """``cache_max_gb`` in bytes."""
+        return int(self.cache_max_gb * 1e9)
+
 
 class TeacherConfig(_Section):
     """``[teacher]``: the endpoint(s), model, credentials, timeouts, TLS and request shape."""

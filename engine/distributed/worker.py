@@ -263,7 +263,7 @@ class UnitWorker:
         """This worker's response cache at ``path``, opened off the loop and closed when
         ``stack`` unwinds; the workers' files share ``output.cache_max_gb`` equally."""
         s = self.settings
-        bound = int(s.config.output.cache_max_gb * 1e9 / max(1, s.workers))
+        bound = s.config.output.cache_max_bytes // max(1, s.workers)
         cache = await asyncio.to_thread(ResponseCache.open, path, max_bytes=bound)
         stack.push_async_callback(cache.aclose)
         return cache

@@ -303,7 +303,7 @@ async def _open_cache(
 ) -> ResponseCache:
     """The response cache, opened off the loop and closed (with its figures kept for the
     report) when ``stack`` unwinds."""
-    bound = int(config.output.cache_max_gb * 1e9)
+    bound = config.output.cache_max_bytes
     replies = await asyncio.to_thread(ResponseCache.open, cache_path(config), max_bytes=bound)
 
     async def close() -> None:
