@@ -9,10 +9,14 @@ as a chat completion; errors and malformed bodies are never stored.
 Every database call runs on the cache's own thread, in order: a read can wait on a disk, a
 batch commit of large replies (an ``n`` = 50 reply is about 400 KB) takes milliseconds, and
 another run sharing the file may hold its lock; none of it may stall the event loop. Reads
-come back as awaitables (``lookup``); writes are buffered and committed in batches
-(``batch_size`` puts or ``flush_after_s``, whichever comes first) and on ``close()``: a crash
-loses at most the last batch, which only costs those requests again. Since the thread runs
-calls in the order they were made, a read made after a write sees it.
+come back as awaitables (``lookup``), and the lookups made in one pass of the loop go to the
+thread as one query: a hand-off per lookup (a thread-pool work item, a copied context, a
+wake-up of the loop through its self-pipe) cost about 90 us of the loop's time each at
+2,000 requests a second, and kept hundreds of such objects in flight for the garbage
+collector to walk. Writes are buffered and committed in batches (``batch_size`` puts or
+``flush_after_s``, whichever comes first) and on ``close()``: a crash loses at most the last
+batch, which only costs those requests again. Since the thread runs calls in the order they
+were made, a read made after a write sees it.
 
 The file is bounded (``max_bytes``, ``output.cache_max_gb``): when a commit takes it over the
 bound, the oldest entries (by when they were stored) are deleted down to 90 % of it, and the
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -48,6 +53,8 @@ from engine.output.files import sqlite_write_problem, write_problem
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A lookup waiting for its batch: its key and what it awaits.
+Read = tuple[bytes, "asyncio.Future[bytes | None]"]
 
 CACHE_FILE = "cache.sqlite"
 # A lock held by another run sharing the file: its thread waits, never the loop.
@@ -59,6 +66,8 @@ _LOW_WATER = 0.9
 _ENTRY_OVERHEAD = 100
 # The write-ahead log is cut back to this size after a checkpoint.
 _WAL_LIMIT = 64 * 2**20
+# Keys in one query of a batch of lookups (SQLite allows 999 parameters at the least).
+_KEYS_PER_QUERY = 500
 UNBOUNDED = 0
 
 
@@ -97,6 +106,8 @@ class ResponseCache:
         self._flush_after_s = flush_after_s
         self._pending: dict[bytes, bytes] = {}
         self._timer: asyncio.TimerHandle | None = None
+        # Lookups of this pass of the loop, sent to the thread together at its end.
+        self._reads: list[Read] = []
         self._executor = executor or _cache_thread()
         self._fatal: OutputWriteError | None = None
         self.hits = 0
@@ -104,6 +115,8 @@ class ResponseCache:
         self.stored = 0
         self.evicted = 0
         self.size_bytes = 0
+        # Queries sent to the thread for lookups: one per pass of the loop that made any.
+        self.read_batches = 0
 
     @classmethod
     def open(
@@ -154,7 +167,11 @@ class ResponseCache:
         body = self._pending.get(key)
         if body is None and self._conn is not None:
             loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self._executor, self._read, key)
+            future: asyncio.Future[bytes | None] = loop.create_future()
+            if not self._reads:
+                loop.call_soon(self._send_reads, loop)
+            self._reads.append((key, future))
+            body = await future
         return self._count(body)
 
     def get(self, key: bytes) -> bytes | None:
@@ -247,6 +264,19 @@ class ResponseCache:
             self.hits += 1
         return body
 
+    def _send_reads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The lookups made since the last call, to the cache's thread as one batch."""
+        reads, self._reads = self._reads, []
+        self.read_batches += 1
+        try:
+            done = self._executor.submit(self._read_many, [key for key, _ in reads])
+        except RuntimeError:  # the cache was closed meanwhile: every lookup misses
+            for _key, future in reads:
+                if not future.done():
+                    future.set_result(None)
+            return
+        asyncio.wrap_future(done, loop=loop).add_done_callback(functools.partial(_answer, reads))
+
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
@@ -266,15 +296,26 @@ class ResponseCache:
     # --- on the cache's thread --------------------------------------------------------------
 
     def _read(self, key: bytes) -> bytes | None:
+        return self._read_many([key]).get(key)
+
+    def _read_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The bodies stored for ``keys``, by key (absent: not stored); empty when the
+        cache is off or the read fails (the failure turns it off)."""
         conn = self._conn
+        found: dict[bytes, bytes] = {}
         if conn is None:
-            return None
+            return found
+        unique = list(dict.fromkeys(keys))
         try:
-            found = conn.execute("SELECT body FROM replies WHERE key = ?", (key,)).fetchone()
+            for start in range(0, len(unique), _KEYS_PER_QUERY):
+                chunk = unique[start : start + _KEYS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT key, body FROM replies WHERE key IN ({marks})"  # marks only
+                found.update((bytes(key), bytes(body)) for key, body in conn.execute(query, chunk))
         except sqlite3.Error as err:
             self._failed("read", err)
-            return None
-        return None if found is None else bytes(found[0])
+            return {}
+        return found
 
     def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
         conn = self._conn
@@ -344,6 +385,20 @@ class ResponseCache:
         # Corruption found now would be found again next run: set the file aside for it.
         if not isinstance(err, sqlite3.OperationalError):
             _move_aside(self.path)
+
+
+def _answer(reads: list[Read], answered: asyncio.Future[dict[bytes, bytes]]) -> None:
+    """Resolve a batch of lookups (on the loop) with their bodies (None: not stored), or
+    with the error that ended the batch's query."""
+    error = None if answered.cancelled() else answered.exception()
+    found = {} if answered.cancelled() or error is not None else answered.result()
+    for key, future in reads:
+        if future.done():  # a lookup cancelled meanwhile has nobody waiting
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(found.get(key))
 
 
 def _cache_thread() -> concurrent.futures.ThreadPoolExecutor:

@@ -510,3 +510,38 @@ async def test_the_report_gives_the_cache_size_bound_and_evictions(
     assert cache["evicted"] == TOTAL - stored_count(path) > 0
     assert f"response cache: {cache['size_bytes'] / 1e6:.1f} MB of 3e-05 GB" in output
     assert_complete_output(out)
+
+
+async def test_the_lookups_of_one_pass_go_to_the_thread_as_one_query(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    with ResponseCache.open(path, batch_size=1) as cache:
+        for i in range(0, 600, 2):  # more keys than one query of the batch takes
+            cache.put(b"k%d" % i, b"v%d" % i)
+        await cache.drain()
+        keys = [b"k%d" % i for i in range(600)] + [b"k0", b"k1"]  # repeats too
+        got = await asyncio.gather(*(cache.lookup(key) for key in keys))
+        assert cache.read_batches == 1
+        assert got == [b"v%d" % i if i % 2 == 0 else None for i in range(600)] + [b"v0", None]
+        assert (cache.hits, cache.misses) == (301, 301)
+
+
+async def test_a_cancelled_lookup_leaves_the_rest_of_its_batch_answered(tmp_path: Path) -> None:
+    with ResponseCache.open(tmp_path / "cache.sqlite", batch_size=1) as cache:
+        cache.put(b"a", b"1")
+        cache.put(b"b", b"2")
+        await cache.drain()
+        first = asyncio.create_task(cache.lookup(b"a"))
+        second = asyncio.create_task(cache.lookup(b"b"))
+        await asyncio.sleep(0)  # both are waiting for their batch
+        first.cancel()
+        assert await second == b"2"
+        assert first.cancelled()
+
+
+async def test_a_lookup_whose_batch_meets_a_closed_cache_misses(tmp_path: Path) -> None:
+    cache = ResponseCache.open(tmp_path / "cache.sqlite", batch_size=1)
+    cache.put(b"a", b"1")
+    lookup = asyncio.create_task(cache.lookup(b"a"))
+    await asyncio.sleep(0)  # waiting for its batch, which is not sent yet
+    cache.close()
+    assert await lookup is None
