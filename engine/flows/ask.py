@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from engine.budget import PassBudget
 from engine.config import QualityConfig
 from engine.errors import InvalidReply, ItemError, SystematicFailure
 from engine.flows import quality, structured
@@ -35,9 +36,6 @@ from engine.teacher.protocol import ChatReply, ChatRequest, Choice, Message, Tea
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 NOTE_REASON_CHARS = 200
-# Choices of one reply parsed and checked between two turns of the event loop: a choice takes
-# about 0.1 ms (parsing, the content checks, spawning its branch), so about 1 ms a turn.
-CHOICES_PER_TURN = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +111,9 @@ class Asker:
     breaker: Breaker | None = None
     # The document (id) of the unit asking, for the breaker: ``FlowContext.unit`` sets it.
     document: str = ""
+    # The event loop's time per pass for the steps of all units: a request is built, and
+    # each choice of a reply parsed and checked, within it (``engine.budget``).
+    budget: PassBudget = field(default_factory=PassBudget)
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
         """The request for ``ask``: ``note`` and the schema instructions appended to the last
@@ -178,6 +179,7 @@ class Asker:
         best: _Rejected | None = None  # the list reply whose passing items are the most
         bad_rounds = 0
         while True:
+            await self.budget.turn()
             note = _note(missing[0], total, problem, bad_rounds)
             request = self.request(ask, len(missing), note)
             if self.breaker is not None and self.breaker.tripped is not None:
@@ -237,11 +239,10 @@ class Asker:
             self._count(ask.stage, problem)
         model = reply.model or self.teacher.model
         won = False
-        for i, choice in enumerate(reply.choices[: len(missing)]):
-            if i and i % CHOICES_PER_TURN == 0:
-                # A reply of many choices (n = 50) takes milliseconds to check, and many
-                # such replies can arrive in one pass of the loop: let it turn between chunks.
-                await asyncio.sleep(0)
+        for choice in reply.choices[: len(missing)]:
+            # A choice takes about 0.1 ms to parse and check, a reply of n = 50 several, and
+            # many replies can arrive in one pass of the loop.
+            await self.budget.turn()
             try:
                 got = _parse(ask, choice, check, model)
             except InvalidReply as err:

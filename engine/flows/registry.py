@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, Protocol
 
+from engine.budget import PassBudget
 from engine.config import Config, GenerationConfig, GenType
 from engine.flows.admission import Admission
 from engine.flows.ask import Asker, Tally
@@ -103,12 +104,17 @@ def build_flows(
     *,
     tally: Tally | None = None,
     breaker: Breaker | None = None,
+    admission: Admission | None = None,
+    budget: PassBudget | None = None,
 ) -> dict[str, Flow]:
     """One flow per type in ``config.generation.types``, keyed by type name, in that order.
 
     ``tally(stage, check)`` counts every reply choice: ``check`` "" when it was accepted,
     else the code of the check that rejected it (``Stats.count_reply``). ``breaker``
-    (``engine.pipeline.breaker``) is told of every item won and lost.
+    (``engine.pipeline.breaker``) is told of every item won and lost. ``admission``: the
+    run's cap on branches running at once (``engine.flows.admission``); by default one for
+    ``limits.max_concurrency``. ``budget``: the event loop's time per pass for the flows'
+    steps (``engine.budget``), shared with the writer; by default the flows' own.
     """
     gen = config.generation
     asker = Asker(
@@ -119,9 +125,12 @@ def build_flows(
         quality=config.quality,
         tally=tally,
         breaker=breaker,
+        budget=budget or PassBudget(),
     )
     judge = Judge(gen.judge_temperature, gen.judge_max_tokens) if gen.judge else None
-    ctx = FlowContext(asker, judge, Admission.for_concurrency(config.limits.max_concurrency))
+    if admission is None:
+        admission = Admission.for_concurrency(config.limits.max_concurrency)
+    ctx = FlowContext(asker, judge, admission)
     return {gen_type: FLOWS[gen_type].build(gen, ctx) for gen_type in gen.types}
 
 

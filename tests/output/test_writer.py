@@ -6,6 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine.budget import PassBudget
 from engine.output.checkpoint import PROGRESS_FILE, UnitSet, load_checkpoint
 from engine.output.records import Failure, UnitResult, make_record
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
@@ -114,6 +115,29 @@ async def test_cancelled_writer_still_commits_units_that_arrived(tmp_path: Path)
         await task
     assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 3
     assert len(load_checkpoint(tmp_path).done) == 2
+
+
+async def test_units_that_finished_together_are_written_a_few_a_pass(tmp_path: Path) -> None:
+    """Past the pass budget, the writer lets the loop turn between units; cancelled while it
+    waits for its turn, it still writes and commits the rest of its batch."""
+    ticks = iter(range(1_000_000))
+    budget = PassBudget(slice_s=0.0015, clock=lambda: next(ticks) / 1000)  # 2 units a pass
+    writer = OutputWriter(tmp_path, TYPES, load_checkpoint(tmp_path), Stats(), budget=budget)
+    queue: asyncio.Queue[WriterItem | None] = asyncio.Queue()
+    for i in range(6):
+        queue.put_nowait(unit(f"doc {i}", "extractive_summary", 2))
+    task = asyncio.create_task(writer.run(queue))
+    for _ in range(10):  # until the writer, 2 units into its batch of 6, waits for a turn
+        if budget.deferred:
+            break
+        await asyncio.sleep(0)
+    assert budget.deferred == 1
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) < 12
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(lines(tmp_path / "extractive_summary/gen.jsonl")) == 12
+    assert len(load_checkpoint(tmp_path).done) == 6
 
 
 async def test_rejects_are_recomputed_each_run(tmp_path: Path) -> None:
