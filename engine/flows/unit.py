@@ -9,6 +9,7 @@ end the whole unit.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -23,11 +24,16 @@ from engine.flows.admission import Admission, Branch
 from engine.flows.ask import Ask, Asker, Parsed
 from engine.flows.planning import StagePlan
 from engine.flows.structured import Verdict
-from engine.output.records import Failure, Record, UnitResult, make_record
+from engine.output.records import Failure, UnitResult, make_record
 from engine.seeds import SeedRow
 
 log = logging.getLogger(__name__)
 REASON_EXCERPT_CHARS = 200
+# Numbers the units in the order they are made: the older a unit, the sooner its branches
+# get a slot (``engine.flows.admission``).
+_UNIT_ORDER = itertools.count()
+# A kept pair: its path, document, question, response, model, reasoning and key fact.
+_Kept = tuple[tuple[str, ...], str, str, str, str, str, str | None]
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -127,9 +133,13 @@ class Unit:
         self.seed = seed
         self.gen_type = gen_type
         self.asker = asker
+        self.order = next(_UNIT_ORDER)
         self._judge = judge
         self._tg = asyncio.TaskGroup()
-        self._records: list[tuple[tuple[str, ...], Record]] = []
+        # Kept pairs as plain tuples of strings, made records at the end (``result``): the
+        # garbage collector stops tracking such tuples, where a unit's hundreds of records
+        # were as many objects for every collection to walk until the unit was written.
+        self._kept: list[_Kept] = []
         self._failures: list[Failure] = []
         self._judged_out = 0
         self._admission = admission
@@ -250,30 +260,46 @@ class Unit:
         )
 
     def _keep(self, pair: Pair) -> None:
-        record = make_record(
-            self.seed,
-            self.gen_type,
-            pair.path,
-            document=pair.document,
-            question=pair.question,
-            response=pair.response,
-            model=pair.model,
-            reasoning=pair.reasoning,
-            key_fact=pair.key_fact,
+        self._kept.append(
+            (
+                pair.path,
+                pair.document,
+                pair.question,
+                pair.response,
+                pair.model,
+                pair.reasoning,
+                pair.key_fact,
+            )
         )
-        self._records.append((pair.path, record))
 
     def result(self) -> UnitResult:
-        """Records in path order (not arrival order), failures by item then stage."""
+        """Records in path order (not arrival order), failures by item then stage. Raises
+        ``ValueError`` for a record its type cannot have (``make_record``)."""
+        records = [
+            make_record(
+                self.seed,
+                self.gen_type,
+                path,
+                document=document,
+                question=question,
+                response=response,
+                model=model,
+                reasoning=reasoning,
+                key_fact=key_fact,
+            )
+            for path, document, question, response, model, reasoning, key_fact in sorted(
+                self._kept, key=lambda kept: kept[0]
+            )
+        ]
         return UnitResult(
-            records=[record for _path, record in sorted(self._records, key=lambda r: r[0])],
+            records=records,
             failures=sorted(self._failures, key=lambda f: (f.item, f.stage)),
             judged_out=self._judged_out,
         )
 
     def __repr__(self) -> str:
         return (
-            f"<Unit {self.seed.doc_id} {self.gen_type} records={len(self._records)} "
+            f"<Unit {self.seed.doc_id} {self.gen_type} records={len(self._kept)} "
             f"failures={len(self._failures)} judged_out={self._judged_out}>"
         )
 

@@ -11,10 +11,12 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 
+from engine.budget import PassBudget
 from engine.config import GEN_TYPES, Config
 from engine.embedded.resolve import resolve_teacher
 from engine.errors import ConfigError
 from engine.flows import build_flows, stage_settings
+from engine.flows.admission import Admission
 from engine.output import manifest
 from engine.output.checkpoint import Checkpoint, UnitSet, gen_name, load_checkpoint
 from engine.output.files import write_problem
@@ -27,7 +29,7 @@ from engine.pipeline.causes import RunSettings, likely_fix
 from engine.pipeline.preflight import Findings
 from engine.pipeline.preflight import check as preflight_check
 from engine.pipeline.resume import ResumePoint, resume_point
-from engine.pipeline.scheduler import Scheduler, UnitRunner, any_wanted, wanted
+from engine.pipeline.scheduler import Ready, Scheduler, UnitRunner, any_wanted, wanted
 from engine.pipeline.shutdown import Shutdown
 from engine.pipeline.stats import CacheSnapshot, Stats, TeacherSnapshot
 from engine.progress.display import InFlight, show_progress
@@ -266,7 +268,11 @@ async def _run_pipeline(
         if preflight and await asyncio.to_thread(_work_to_do, resume, types, wants):
             config = await _checked(config, teacher, stats)
         log.info("teacher %r, %r, %r", teacher, limiter, replies)
-        runners, gauge = await _runners(config, stats, teacher, stack, cache=cache)
+        # The event loop's time per pass for the steps of the flows and the writer.
+        budget = PassBudget()
+        runners, gauge, ready = await _runners(
+            config, stats, teacher, stack, cache=cache, budget=budget
+        )
         writer = await asyncio.to_thread(
             partial(
                 OutputWriter,
@@ -278,6 +284,7 @@ async def _run_pipeline(
                 # --retry-failed runs only some units: the seed file is not finished behind it.
                 tracker=None if only is not None else RowTracker(resume.mark),
                 rejects_from=resume.mark.rejects_end if resume.skips else None,
+                budget=budget,
             )
         )
         scheduler = Scheduler(
@@ -289,6 +296,7 @@ async def _run_pipeline(
             only=only,
             redo=redo,
             resume=resume,
+            ready=ready,
         )
         stop.action = scheduler.stop
         stats.teacher_model = teacher.model
@@ -323,10 +331,12 @@ async def _runners(
     stack: contextlib.AsyncExitStack,
     *,
     cache: bool,
-) -> tuple[Sequence[UnitRunner], InFlight | None]:
+    budget: PassBudget,
+) -> tuple[Sequence[UnitRunner], InFlight | None, Ready | None]:
     """How units run: by the flows in this process, or (``run.backend = "ray"``) by worker
     actors on a Ray cluster, which ``stack`` stops when the run ends; with what the progress
-    display reads requests in flight from when it is not the run's own limiter."""
+    display reads requests in flight from when it is not the run's own limiter, and what
+    the scheduler awaits before it starts a unit (the flows' admission control has room)."""
     types = config.generation.types
     if config.run.backend == "ray":
         # Imported here only: a local run never imports ray (a layering contract).
@@ -336,9 +346,17 @@ async def _runners(
         units = await stack.enter_async_context(
             remote_units(config, stats, teacher.wire, own_cache)
         )
-        return units.flows(types), units
-    flows = build_flows(config, teacher, tally=stats.count_reply, breaker=make_breaker(config))
-    return [flows[t] for t in types], None
+        return units.flows(types), units, None
+    admission = Admission.for_concurrency(config.limits.max_concurrency)
+    flows = build_flows(
+        config,
+        teacher,
+        tally=stats.count_reply,
+        breaker=make_breaker(config),
+        admission=admission,
+        budget=budget,
+    )
+    return [flows[t] for t in types], None, admission.room
 
 
 def _resume(config: Config, *, force: bool) -> Checkpoint:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Protocol
 
@@ -41,6 +41,8 @@ class UnitRunner(Protocol):
         ...
 
 
+# Awaited before a worker takes another unit (``Admission.room``).
+Ready = Callable[[], Awaitable[None]]
 # A unit waiting for a worker: its seed row and the runner of its type.
 QueuedUnit = tuple[SeedRow, UnitRunner]
 # (document id, type) pairs.
@@ -85,15 +87,19 @@ class Scheduler:
         only: Units | None = None,
         redo: Units = frozenset(),
         resume: ResumePoint | None = None,
+        ready: Ready | None = None,
     ) -> None:
         """``flows``: a runner per type (its flow, or a remote one). ``only``: run just
         these units (``--retry-failed``), whether done or not;
         ``redo``: also run these units although they are done (they lost items);
         ``resume``: where the seeds given to ``run`` start (``engine.pipeline.resume``): the
-        rows before it are counted as skipped, and the writer's watermark tracks the rest."""
+        rows before it are counted as skipped, and the writer's watermark tracks the rest;
+        ``ready``: awaited before a worker takes another unit (``Admission.room``: the
+        flows have work queued enough to keep the teacher busy without it)."""
         self.only = only
         self.redo = redo
         self.resume = resume
+        self.ready = ready
         self.flows = flows
         self.writer = writer
         self.checkpoint = checkpoint
@@ -190,7 +196,11 @@ class Scheduler:
     async def _work(
         self, units: asyncio.Queue[QueuedUnit | None], results: asyncio.Queue[WriterItem | None]
     ) -> None:
-        while (unit := await units.get()) is not None:
+        while True:
+            if self.ready is not None:
+                await self.ready()
+            if (unit := await units.get()) is None:
+                return
             if self.stopping:
                 continue
             seed, flow = unit

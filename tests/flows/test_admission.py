@@ -143,3 +143,115 @@ def test_the_limit_leaves_the_limiter_work_to_hand_out() -> None:
     assert Admission.for_concurrency(1).limit == 64
     with pytest.raises(ValueError, match="at least 1"):
         Admission(0)
+
+
+async def test_a_free_slot_goes_to_the_oldest_unit_with_a_branch_waiting() -> None:
+    admission = Admission(limit=1)
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def step(name: str) -> None:
+        started.append(name)
+        await release.wait()
+
+    older, newer = _unit(admission), _unit(admission)
+    async with older, newer:
+        older.spawn("s", "hold", step("older-0"))  # takes the only slot
+        newer.spawn("s", "n1", step("newer-1"))  # queued first
+        newer.spawn("s", "n2", step("newer-2"))
+        older.spawn("s", "o1", step("older-1"))  # queued last, but its unit is older
+        await asyncio.sleep(0)
+        release.set()
+    assert started == ["older-0", "older-1", "newer-1", "newer-2"]
+    assert (admission.running, admission.queued) == (0, 0)
+
+
+async def test_a_dropped_unit_leaves_the_others_branches_in_order() -> None:
+    admission = Admission(limit=1)
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def step(name: str) -> None:
+        started.append(name)
+        await release.wait()
+
+    first, second = _unit(admission), _unit(admission)
+    async with second, first:
+        first.spawn("s", "hold", step("first-0"))
+        first.spawn("s", "f1", step("first-1"))
+        second.spawn("s", "s1", step("second-1"))
+        second.spawn("s", "s2", step("second-2"))
+        assert admission.drop(first) == 1  # its queued branch is closed, never run
+        await asyncio.sleep(0)
+        release.set()
+    gc.collect()
+    assert started == ["first-0", "second-1", "second-2"]
+    assert (admission.running, admission.queued) == (0, 0)
+
+
+async def test_room_waits_while_every_slot_is_taken_or_queued_for() -> None:
+    admission = Admission(limit=2)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await release.wait()
+
+    let_through: list[int] = []
+
+    async def opener(i: int) -> None:
+        await admission.room()
+        let_through.append(i)
+
+    async with _unit(admission) as unit:
+        unit.spawn("s", "a", hold())
+        unit.spawn("s", "b", hold())
+        unit.spawn("s", "c", hold())  # queued: both slots are taken
+        openers = [asyncio.create_task(opener(i)) for i in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert let_through == []  # 2 running + 1 queued >= 2 slots
+        release.set()
+    await asyncio.gather(*openers)
+    assert let_through == [0, 1, 2]  # in the order they asked
+
+
+async def test_room_lets_a_few_units_through_a_pass() -> None:
+    admission = Admission(limit=1000, units_per_pass=3)
+    passes = 0
+    through_at: list[int] = []
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            await asyncio.sleep(0)
+            passes += 1
+
+    async def opener() -> None:
+        await admission.room()
+        through_at.append(passes)
+
+    counter = asyncio.create_task(count_passes())
+    await asyncio.gather(*(opener() for _ in range(10)))
+    counter.cancel()
+    per_pass = [through_at.count(p) for p in sorted(set(through_at))]
+    assert sum(per_pass) == 10
+    assert max(per_pass) <= 3
+    assert len(per_pass) >= 4
+
+
+async def test_a_cancelled_room_call_is_passed_over() -> None:
+    admission = Admission(limit=1)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await release.wait()
+
+    async with _unit(admission) as unit:
+        unit.spawn("s", "a", hold())
+        gone = asyncio.create_task(admission.room())
+        kept = asyncio.create_task(admission.room())
+        await asyncio.sleep(0)
+        gone.cancel()
+        release.set()
+    await kept
+    assert gone.cancelled()

@@ -128,3 +128,27 @@ async def test_the_producer_lets_the_loop_run_while_it_skips_done_rows(tmp_path:
     assert flow.started == ["doc new"]
     assert stats.units_skipped["extractive_summary"] == 3000
     assert any(0 < skipped < 3000 for skipped in seen)  # the loop ran in the middle
+
+
+async def test_a_worker_waits_for_ready_before_it_takes_a_unit(tmp_path: Path) -> None:
+    """``ready`` (the flows' admission control in a run) holds new units back while the
+    units in flight keep every slot busy; the units already started go on."""
+    gate = asyncio.Semaphore(0)
+    flow = EchoFlow("extractive_summary")
+    stats = Stats()
+    checkpoint = load_checkpoint(tmp_path)
+    writer = OutputWriter(tmp_path, [flow.gen_type], checkpoint, stats)
+    scheduler = Scheduler([flow], writer, checkpoint, stats, workers=4, ready=gate.acquire)
+    run = asyncio.create_task(scheduler.run([seed(f"doc {i}", i) for i in range(1, 4)]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert flow.started == []
+    gate.release()  # room for one unit
+    while not flow.finished:
+        flow.changed.clear()
+        await flow.changed.wait()
+    assert flow.started == ["doc 1"]
+    for _ in range(6):  # the rest, and one for each worker to see the end of the seeds
+        gate.release()
+    await run
+    assert flow.started == ["doc 1", "doc 2", "doc 3"]
