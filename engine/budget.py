@@ -13,10 +13,12 @@ pass opens the pass's budget; a ``turn()`` after ``slice_s`` of it has gone yiel
 (``asyncio.sleep(0)``) until a later pass has budget left. The deferred tasks were queued
 in order and are the first to run in the next pass, so none is passed over, and the
 timers and sockets that came due are served in between. The flows take a turn before each
-request and each reply choice (``engine.flows.ask``), the writer before each unit it
-writes. Work not preceded by a ``turn()`` (socket callbacks, the HTTP client's steps) is not
-counted, so a pass may run longer than ``slice_s``: the budget bounds the share of the
-engine's own steps.
+reply choice they parse and check (``engine.flows.ask``), the writer before each unit it
+writes. A deferred step costs a wake-up every pass until it runs, so turns belong before
+steps that are long or many, not before every small one. Work not preceded by a
+``turn()`` (socket callbacks, the HTTP client's steps, a branch's first step, bounded by
+``engine.flows.admission`` instead) is not counted, so a pass may run longer than
+``slice_s``: the budget bounds the share of the engine's own steps.
 """
 
 from __future__ import annotations

@@ -111,8 +111,11 @@ class Asker:
     breaker: Breaker | None = None
     # The document (id) of the unit asking, for the breaker: ``FlowContext.unit`` sets it.
     document: str = ""
-    # The event loop's time per pass for the steps of all units: a request is built, and
-    # each choice of a reply parsed and checked, within it (``engine.budget``).
+    # The event loop's time per pass for the steps of all units: each choice of a reply is
+    # parsed and checked within it (``engine.budget``). A branch's first step (its request
+    # built and looked up) is bounded by the admission control's starts a pass instead: a
+    # turn there deferred 5 branches a request, each woken again every pass, for 7 % of the
+    # engine's time in ``benchmarks.overhead``.
     budget: PassBudget = field(default_factory=PassBudget)
 
     def request(self, ask: Ask[T], n: int = 1, note: str = "") -> ChatRequest:
@@ -179,7 +182,6 @@ class Asker:
         best: _Rejected | None = None  # the list reply whose passing items are the most
         bad_rounds = 0
         while True:
-            await self.budget.turn()
             note = _note(missing[0], total, problem, bad_rounds)
             request = self.request(ask, len(missing), note)
             if self.breaker is not None and self.breaker.tripped is not None:
