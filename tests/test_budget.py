@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from engine.budget import PassBudget
+from tests.support.loop import Passes
 
 
 class Clock:
@@ -18,28 +19,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Passes:
-    """Counts passes of the running loop: one ``sleep(0)`` each."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Passes:
-        self._task = asyncio.create_task(self._tick())
-        await asyncio.sleep(0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(0)
-            self.count += 1
 
 
 async def test_steps_within_the_budget_never_yield() -> None:

@@ -13,6 +13,7 @@ from engine.flows.admission import Admission
 from engine.flows.ask import Asker
 from engine.flows.unit import Unit
 from tests.support.fakes import FakeTeacher, make_seed
+from tests.support.loop import Passes
 
 
 def _unit(admission: Admission) -> Unit:
@@ -44,23 +45,16 @@ async def test_a_50_way_fan_out_starts_a_bounded_number_of_branches_a_loop_turn(
     """A reply that spawns 50 branches does not start them all in one pass of the loop: the
     loop turns (here counted by a task that records each turn) between the batches."""
     admission = Admission(limit=1000, per_pass=8)
-    turns = 0
     started_at_turn: list[int] = []
 
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
+    async with Passes() as passes:
 
-    async def step() -> None:
-        started_at_turn.append(turns)
+        async def step() -> None:
+            started_at_turn.append(passes.count)
 
-    counter = asyncio.create_task(count_turns())
-    async with _unit(admission) as unit:
-        for i in range(50):
-            unit.spawn("s", f"q{i}", step())
-    counter.cancel()
+        async with _unit(admission) as unit:
+            for i in range(50):
+                unit.spawn("s", f"q{i}", step())
     per_turn = [started_at_turn.count(t) for t in sorted(set(started_at_turn))]
     assert len(started_at_turn) == 50
     assert max(per_turn) <= 8
@@ -145,47 +139,47 @@ def test_the_limit_leaves_the_limiter_work_to_hand_out() -> None:
         Admission(0)
 
 
+class Steps:
+    """Branch steps that record that they started, then wait for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+
+    async def step(self, name: str) -> None:
+        self.started.append(name)
+        await self.release.wait()
+
+
 async def test_a_free_slot_goes_to_the_oldest_unit_with_a_branch_waiting() -> None:
     admission = Admission(limit=1)
-    release = asyncio.Event()
-    started: list[str] = []
-
-    async def step(name: str) -> None:
-        started.append(name)
-        await release.wait()
-
+    steps = Steps()
     older, newer = _unit(admission), _unit(admission)
     async with older, newer:
-        older.spawn("s", "hold", step("older-0"))  # takes the only slot
-        newer.spawn("s", "n1", step("newer-1"))  # queued first
-        newer.spawn("s", "n2", step("newer-2"))
-        older.spawn("s", "o1", step("older-1"))  # queued last, but its unit is older
+        older.spawn("s", "hold", steps.step("older-0"))  # takes the only slot
+        newer.spawn("s", "n1", steps.step("newer-1"))  # queued first
+        newer.spawn("s", "n2", steps.step("newer-2"))
+        older.spawn("s", "o1", steps.step("older-1"))  # queued last, but its unit is older
         await asyncio.sleep(0)
-        release.set()
-    assert started == ["older-0", "older-1", "newer-1", "newer-2"]
+        steps.release.set()
+    assert steps.started == ["older-0", "older-1", "newer-1", "newer-2"]
     assert (admission.running, admission.queued) == (0, 0)
 
 
 async def test_a_dropped_unit_leaves_the_others_branches_in_order() -> None:
     admission = Admission(limit=1)
-    release = asyncio.Event()
-    started: list[str] = []
-
-    async def step(name: str) -> None:
-        started.append(name)
-        await release.wait()
-
+    steps = Steps()
     first, second = _unit(admission), _unit(admission)
     async with second, first:
-        first.spawn("s", "hold", step("first-0"))
-        first.spawn("s", "f1", step("first-1"))
-        second.spawn("s", "s1", step("second-1"))
-        second.spawn("s", "s2", step("second-2"))
+        first.spawn("s", "hold", steps.step("first-0"))
+        first.spawn("s", "f1", steps.step("first-1"))
+        second.spawn("s", "s1", steps.step("second-1"))
+        second.spawn("s", "s2", steps.step("second-2"))
         assert admission.drop(first) == 1  # its queued branch is closed, never run
         await asyncio.sleep(0)
-        release.set()
+        steps.release.set()
     gc.collect()
-    assert started == ["first-0", "second-1", "second-2"]
+    assert steps.started == ["first-0", "second-1", "second-2"]
     assert (admission.running, admission.queued) == (0, 0)
 
 
@@ -217,22 +211,15 @@ async def test_room_waits_while_every_slot_is_taken_or_queued_for() -> None:
 
 async def test_room_lets_a_few_units_through_a_pass() -> None:
     admission = Admission(limit=1000, units_per_pass=3)
-    passes = 0
     through_at: list[int] = []
 
-    async def count_passes() -> None:
-        nonlocal passes
-        while True:
-            await asyncio.sleep(0)
-            passes += 1
+    async with Passes() as passes:
 
-    async def opener() -> None:
-        await admission.room()
-        through_at.append(passes)
+        async def opener() -> None:
+            await admission.room()
+            through_at.append(passes.count)
 
-    counter = asyncio.create_task(count_passes())
-    await asyncio.gather(*(opener() for _ in range(10)))
-    counter.cancel()
+        await asyncio.gather(*(opener() for _ in range(10)))
     per_pass = [through_at.count(p) for p in sorted(set(through_at))]
     assert sum(per_pass) == 10
     assert max(per_pass) <= 3
