@@ -111,10 +111,15 @@ class Scheduler:
 
     def stop(self) -> None:
         """Take no new units; the ones in flight go on. Units already queued are dropped (they
-        are not done, so a resume runs them)."""
+        are not done, so a resume runs them); the workers' end markers queued after them stay,
+        or a worker would wait for a unit until the grace period ran out."""
         self.stopping = True
+        markers = 0
         while not self._units.empty():
-            self._units.get_nowait()
+            if self._units.get_nowait() is None:
+                markers += 1
+        for _ in range(markers):
+            self._units.put_nowait(None)
 
     async def run(self, seeds: Iterable[SeedRow | Reject]) -> None:
         """Process ``seeds`` to the end. Cancelled, the writer still commits finished units."""

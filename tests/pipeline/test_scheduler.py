@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,30 @@ async def test_a_worker_waits_for_ready_before_it_takes_a_unit(tmp_path: Path) -
         gate.release()
     await run
     assert flow.started == ["doc 1", "doc 2", "doc 3"]
+
+
+async def test_a_stop_after_the_last_unit_was_handed_out_ends_with_the_units_in_flight(
+    tmp_path: Path,
+) -> None:
+    """The workers' end-of-seeds markers are already queued when the stop comes: dropping
+    them with the queued units left the workers waiting for a unit until the grace period
+    ran out (a late Ctrl-C waited ``run.grace_s`` with every unit done)."""
+    release = asyncio.Event()
+    flow = EchoFlow("extractive_summary", hold={"doc 1": release, "doc 2": release})
+    scheduler = make_scheduler(tmp_path, [flow], workers=2)
+    read_all = threading.Event()
+
+    def seeds() -> Iterator[SeedRow]:
+        yield seed("doc 1", 1)
+        yield seed("doc 2", 2)
+        read_all.set()  # the producer's reading thread is at the end of the seeds
+
+    run = asyncio.create_task(scheduler.run(seeds()))
+    assert await asyncio.to_thread(read_all.wait, 5)
+    for _ in range(20):  # the producer queues the workers' end markers
+        await asyncio.sleep(0)
+    assert sorted(flow.started) == ["doc 1", "doc 2"]
+    scheduler.stop()
+    release.set()
+    await asyncio.wait_for(run, timeout=5)  # a guard: without the fix it never ends
+    assert scheduler.stats.units_done["extractive_summary"] == 2
