@@ -94,8 +94,8 @@ class Scheduler:
         ``redo``: also run these units although they are done (they lost items);
         ``resume``: where the seeds given to ``run`` start (``engine.pipeline.resume``): the
         rows before it are counted as skipped, and the writer's watermark tracks the rest;
-        ``ready``: awaited before a worker takes another unit (``Admission.room``: the
-        flows have work queued enough to keep the teacher busy without it)."""
+        ``ready``: awaited before a worker takes another unit (``Admission.room``: it
+        waits while the units in flight keep every request slot busy)."""
         self.only = only
         self.redo = redo
         self.resume = resume
