@@ -153,7 +153,7 @@ class Admission:
         for branch in mine:
             owner.discard(branch)
         if mine:
-            self._check_room()
+            self._let_waiters_through()
         return len(mine)
 
     def _free(self) -> bool:
@@ -191,24 +191,22 @@ class Admission:
     def _next_pass(self) -> None:
         self._this_pass = self._rooms_this_pass = 0
         self._marked = False
-        self._start_queued()
-        self._let_waiters_through()
+        self._start_queued()  # and lets room() calls through
 
     def _release(self, _task: asyncio.Task[None]) -> None:
         self.running -= 1
         self._start_queued()
 
     def _start_queued(self) -> None:
-        if not self._queued:
-            self._check_room()
-            return
+        """Start queued branches while slots are free; then let waiting ``room()`` calls
+        through if the branches left room."""
         while self._queued and self._free():
             owner, branch = self._pop_oldest()
             try:
                 self._launch(owner, branch)
             except RuntimeError:  # its unit is shutting down: launch discarded the branch
                 continue
-        self._check_room()
+        self._let_waiters_through()
 
     def _pop_oldest(self) -> tuple[Owner, Branch]:
         """The first queued branch of the oldest unit that has one (some are queued)."""
@@ -224,10 +222,6 @@ class Admission:
             del self._queues[owner]
             heapq.heappop(self._oldest)
         return owner, branch
-
-    def _check_room(self) -> None:
-        if self._waiters:
-            self._let_waiters_through()
 
     def __repr__(self) -> str:
         return f"<Admission running={self.running}/{self.limit} queued={self.queued}>"
