@@ -271,9 +271,7 @@ class ResponseCache:
         try:
             done = self._executor.submit(self._read_many, [key for key, _ in reads])
         except RuntimeError:  # the cache was closed meanwhile: every lookup misses
-            for _key, future in reads:
-                if not future.done():
-                    future.set_result(None)
+            _resolve(reads, {})
             return
         asyncio.wrap_future(done, loop=loop).add_done_callback(functools.partial(_answer, reads))
 
@@ -388,10 +386,19 @@ class ResponseCache:
 
 
 def _answer(reads: list[Read], answered: asyncio.Future[dict[bytes, bytes]]) -> None:
-    """Resolve a batch of lookups (on the loop) with their bodies (None: not stored), or
-    with the error that ended the batch's query."""
-    error = None if answered.cancelled() else answered.exception()
-    found = {} if answered.cancelled() or error is not None else answered.result()
+    """Resolve a batch of lookups (on the loop) with what its query ``answered``."""
+    if answered.cancelled():
+        _resolve(reads, {})
+    elif (error := answered.exception()) is not None:
+        _resolve(reads, {}, error)
+    else:
+        _resolve(reads, answered.result())
+
+
+def _resolve(
+    reads: list[Read], found: dict[bytes, bytes], error: BaseException | None = None
+) -> None:
+    """Each lookup of a batch gets its body from ``found`` (None: not stored), or ``error``."""
     for key, future in reads:
         if future.done():  # a lookup cancelled meanwhile has nobody waiting
             continue
