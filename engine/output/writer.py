@@ -130,11 +130,7 @@ class OutputWriter:
                 if len(items) < len(batch):
                     return
         except asyncio.CancelledError:
-            items = [item for item in _drain(queue) if item is not None]
-            progress = b"".join(self._write(item) for item in items)
-            written, self._written = self._written, []
-            self._sync_and_record(progress)
-            self._committed(written)
+            self._commit_at_once([item for item in _drain(queue) if item is not None])
             raise
         finally:
             try:
@@ -155,10 +151,7 @@ class OutputWriter:
         except asyncio.CancelledError:
             # Stopped between two items: the rest are written and synced all the same, as
             # ``run`` does for the items still queued.
-            lines.extend(self._write(item) for item in items[len(lines) :])
-            written, self._written = self._written, []
-            self._sync_and_record(b"".join(lines))
-            self._committed(written)
+            self._commit_at_once(items[len(lines) :], lines)
             raise
         progress = b"".join(lines)
         written, self._written = self._written, []
@@ -172,6 +165,14 @@ class OutputWriter:
             await sync
             self._committed(written)
             raise
+        self._committed(written)
+
+    def _commit_at_once(self, items: list[WriterItem], lines: Sequence[bytes] = ()) -> None:
+        """Write ``items`` and commit them, with the progress ``lines`` of items written
+        before, without leaving the loop's thread: for a writer being cancelled."""
+        progress = b"".join([*lines, *(self._write(item) for item in items)])
+        written, self._written = self._written, []
+        self._sync_and_record(progress)
         self._committed(written)
 
     def _committed(self, written: list[tuple[int, int | None]]) -> None:
