@@ -24,7 +24,7 @@ from engine.output.unitset import doc_id_of, doc_key
 from engine.output.writer import OutputWriter, UnitDone, WriterItem
 from engine.pipeline.stats import Stats
 from tests.support.fakes import seed
-from tests.support.runs import lines
+from tests.support.runs import as_before_state, lines
 
 TYPES = ["extractive_summary", "document_based_qa"]
 
@@ -166,13 +166,9 @@ async def test_an_output_directory_from_before_the_state_resumes(tmp_path: Path)
     state.sqlite: the first resume folds it; every unit is done, every length kept."""
     units = [unit(n, failures=n == 4) for n in range(1, 31)]
     await write(tmp_path, units)
-    (tmp_path / STATE_FILE).unlink(missing_ok=True)
+    as_before_state(tmp_path)
     progress = tmp_path / PROGRESS_FILE
     old = [orjson.loads(line) for line in progress.read_bytes().splitlines()]
-    for entry in old:
-        entry.pop("line", None)
-        entry.pop("at", None)
-    progress.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in old))
     sizes = {p: p.stat().st_size for p in tmp_path.rglob("*.jsonl") if p != progress}
 
     checkpoint = load_checkpoint(tmp_path, fold_at=10)

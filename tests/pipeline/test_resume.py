@@ -12,14 +12,14 @@ import orjson
 import pytest
 
 from engine.config import Config
-from engine.output.checkpoint import PROGRESS_FILE, load_checkpoint
+from engine.output.checkpoint import load_checkpoint
 from engine.output.state import STATE_FILE
 from engine.pipeline.job import run_job
 from engine.pipeline.stats import Stats
 from engine.plan import make_plan
 from engine.testing.simulator import SimulatorConfig, running_simulator
 from tests.support.faults import FaultInjector, Hang, Seen, error
-from tests.support.runs import config_for, corpus, lines, pipeline_requests
+from tests.support.runs import as_before_state, config_for, corpus, lines, pipeline_requests
 
 DOCS = 60
 LOST, HUNG, COPY_OF, COPY = 20, 55, 10, 58  # rows (line numbers) the scenario picks
@@ -168,13 +168,8 @@ async def test_an_output_directory_from_before_the_state_resumes_with_nothing_to
     seeds, out = corpus(tmp_path / "seeds.jsonl", 12), tmp_path / "out"
     async with running_simulator() as sim:
         await run_job(config_for(sim.base_url, out, f'input.seeds="{seeds}"'), Stats())
-        (out / STATE_FILE).unlink()
-        progress = out / PROGRESS_FILE
-        entries = [orjson.loads(line) for line in progress.read_bytes().splitlines()]
-        for entry in entries:
-            entry.pop("line", None)
-            entry.pop("at", None)
-        progress.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in entries))
+        assert (out / STATE_FILE).exists()
+        as_before_state(out)
         gen = {p: p.read_bytes() for p in out.glob("*/gen.jsonl")}
         sent = len(pipeline_requests(sim))
         stats = Stats()

@@ -13,8 +13,9 @@ import orjson
 
 from engine.config import Config, load_config
 from engine.errors import FatalRunError
-from engine.output.checkpoint import load_checkpoint
+from engine.output.checkpoint import PROGRESS_FILE, load_checkpoint
 from engine.output.records import record_fields
+from engine.output.state import STATE_FILE
 from engine.pipeline.job import run_job
 from engine.pipeline.preflight import PROBE_PROMPT
 from engine.pipeline.stats import Stats
@@ -232,3 +233,15 @@ def leaves(err: BaseException) -> list[BaseException]:
     if isinstance(err, BaseExceptionGroup):
         return [leaf for sub in err.exceptions for leaf in leaves(sub)]
     return [err]
+
+
+def as_before_state(out: Path) -> None:
+    """Make ``out`` look as an engine from before ``state.sqlite`` left it: no state file,
+    and progress entries without their seed positions (``line``, ``at``)."""
+    (out / STATE_FILE).unlink(missing_ok=True)
+    progress = out / PROGRESS_FILE
+    entries = [orjson.loads(line) for line in progress.read_bytes().splitlines()]
+    for entry in entries:
+        entry.pop("line", None)
+        entry.pop("at", None)
+    progress.write_bytes(b"".join(orjson.dumps(entry) + b"\n" for entry in entries))
